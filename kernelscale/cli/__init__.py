@@ -1,0 +1,125 @@
+"""The ``kernelscale`` command line: one module per subcommand, each with ``register`` and ``run``.
+
+Every subcommand has ``--help``, ``--json`` (one JSON summary object as the last line of stdout) and ``-v``.
+Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from ..errors import InputError, KernelscaleError
+
+log = logging.getLogger("kernelscale")
+
+#: Subcommand name -> module under kernelscale.cli (each defines register(parser) and run(args) -> dict).
+SUBCOMMANDS: dict[str, str] = {
+    "ingest": "ingest",
+    "demo": "demo",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with usage, as argparse does, but through our handler
+        self.print_usage(sys.stderr)
+        raise InputError(f"{self.prog}: {message}")
+
+
+def common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON summary object as the last line of stdout")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kernelscale", description="NTK/NNGP Gram matrices, kernel regression and KIP at scale.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module in SUBCOMMANDS.items():
+        mod = importlib.import_module(f"{__name__}.{module}")
+        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        mod.register(p)
+        common_flags(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("kernelscale")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def _print_human(summary: dict[str, Any]) -> None:
+    for key, value in summary.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+            if len(value) > 200:
+                value = value[:197] + "..."
+        print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kernelscale`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    run: Callable[[argparse.Namespace], dict[str, Any]] = args._run
+    t0 = time.perf_counter()
+    code = 0
+    try:
+        summary = run(args)
+    except KernelscaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        summary = {"status": "error", "error": str(exc), "exit_code": exc.exit_code}
+        summary.update(getattr(exc, "summary", {}) or {})
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    code = int(summary.pop("_exit_code", code))
+    if args.json:
+        print(json.dumps(summary, default=_jsonable, sort_keys=False))
+    else:
+        _print_human(summary)
+    return code
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        import numpy as np  # noqa: PLC0415
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

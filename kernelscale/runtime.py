@@ -1,0 +1,79 @@
+"""Ray start/connect, shared by the Gram engine, the distributed operator and KIP.
+
+Connects to an existing cluster when ``address`` or ``RAY_ADDRESS`` is given; otherwise starts a local one
+bound to loopback, with no dashboard and no client server. Never re-initialises a running Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: JAX settings for every actor process: no 75% GPU pre-allocation per process, no TF32 surprises.
+ACTOR_ENV_VARS = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, Any]:
+    """Make sure Ray is initialised; return ``{"address": ..., "started_local": bool}``.
+
+    ``address`` (or ``RAY_ADDRESS``) connects to a running cluster. Otherwise a local cluster is started on
+    127.0.0.1 without a dashboard. Library code calls this instead of ``ray.init()``.
+    """
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return {"address": ray.get_runtime_context().gcs_address, "started_local": False}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        "configure_logging": True,
+        "runtime_env": {"env_vars": dict(ACTOR_ENV_VARS)},
+    }
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, **common)
+        return {"address": address, "started_local": False}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    log.info("starting a local Ray cluster on 127.0.0.1 (no dashboard)")
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        **common,
+    )
+    return {"address": ray.get_runtime_context().gcs_address, "started_local": True}
+
+
+def cluster_slots(gpus_per_worker: float = 0.0) -> int:
+    """How many workers the cluster can hold: GPUs / gpus_per_worker on GPU clusters, else CPUs."""
+    import ray  # noqa: PLC0415
+
+    res = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        return max(1, int(res.get("GPU", 0) / gpus_per_worker))
+    return max(1, int(res.get("CPU", 1)))
+
+
+def actor_options(gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """Ray actor options: one CPU slot (or a GPU share) per actor, restarted by Ray if its process dies."""
+    opts: dict[str, Any] = {"num_cpus": cpus_per_worker, "max_restarts": -1, "max_task_retries": -1}
+    if gpus_per_worker > 0:
+        opts["num_gpus"] = gpus_per_worker
+    return opts
+
+
+def shutdown_if_started(info: dict[str, Any]) -> None:
+    """Shut Ray down if :func:`ensure_ray` started it (leave a user's cluster alone)."""
+    import ray  # noqa: PLC0415
+
+    if info.get("started_local") and ray.is_initialized():
+        ray.shutdown()

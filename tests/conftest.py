@@ -1,0 +1,48 @@
+"""Shared fixtures: small real datasets (mnist5k subsets), a local Ray cluster, CIFAR-10 location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not CIFAR_DIR.is_dir():
+        pytest.skip(f"CIFAR-10 ImageFolder not found at {CIFAR_DIR} (present in CI and the dev machine, not in a user's clone)")
+    return CIFAR_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """mnist5k, 300 rows resized to 8x8, standardized, with a 100-row stratified validation split."""
+    from kernelscale.data import ingest
+
+    root = tmp_path_factory.mktemp("mnist_small")
+    train, val = str(root / "train.zarr"), str(root / "val.zarr")
+    ingest("mnist5k", train, limit=400, val_fraction=0.25, val_out=val, resize="8x8",
+           preprocess="standardize", progress=False)
+    return {"train": train, "val": val}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster (2 CPUs) for the whole session, started the way the library starts it."""
+    from kernelscale.runtime import ensure_ray, shutdown_if_started
+
+    info = ensure_ray(num_cpus=2)
+    yield info
+    shutdown_if_started(info)
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,73 @@
+"""Kernel specifications: parsing, canonical JSON, errors, and the networks they build."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kernelscale import kernels
+from kernelscale.errors import InputError
+
+
+def test_parse_defaults_and_canonical_json():
+    a = kernels.parse_arch("fc")
+    b = kernels.parse_arch("fc:activation=relu,depth=3,W_std=1.4142,b_std=0.05")
+    assert a.canonical() == b.canonical()
+    assert json.loads(a.canonical()) == {"arch": "fc", "kernel": "ntk",
+                                         "params": {"W_std": 1.4142, "activation": "relu", "b_std": 0.05, "depth": 3}}
+    assert kernels.parse_arch("fc", "nngp").canonical() != a.canonical()
+    assert kernels.KernelSpec.from_json(a.canonical()).canonical() == a.canonical()
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("resnet", "unknown architecture 'resnet'"),
+        ("fc:depth=x", "depth='x' is not a valid int"),
+        ("fc:width=3", "unknown parameter 'width'"),
+        ("fc:activation=tanh", "activation must be one of"),
+        ("myrtle:depth=6", "depth must be one of"),
+        ("fc:depth", "expected key=value"),
+        ("os.path:join", "--allow-code"),
+    ],
+)
+def test_bad_specs_are_refused_with_a_message(text, match):
+    with pytest.raises(InputError, match=match):
+        kernels.parse_arch(text)
+
+
+def test_bad_kernel_name():
+    with pytest.raises(InputError, match="--kernel must be one of ntk, nngp"):
+        kernels.parse_arch("fc", "rbf")
+
+
+def test_user_code_spec(tmp_path, monkeypatch):
+    mod = tmp_path / "my_arch.py"
+    mod.write_text(
+        "import neural_tangents.stax as stax\n"
+        "def net():\n    return stax.serial(stax.Flatten(), stax.Dense(8), stax.Relu(), stax.Dense(1))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kernels._neural_tangents()
+    spec = kernels.parse_arch("my_arch:net", allow_code=True)
+    assert spec.arch == "code" and spec.params["target"] == "my_arch:net"
+    x = np.random.default_rng(0).normal(size=(3, 2, 2, 1)).astype(np.float32)
+    assert np.asarray(kernels.kernel_fn(spec)(x, x, "ntk")).shape == (3, 3)
+
+
+@pytest.mark.parametrize("arch", ["fc:depth=2", "convnet:depth=2", "myrtle:depth=5"])
+def test_networks_build_and_kernels_are_psd(arch):
+    spec = kernels.parse_arch(arch)
+    shape = (8, 8, 3) if not arch.startswith("myrtle") else (32, 32, 3)
+    n = 4 if not arch.startswith("myrtle") else 2
+    x = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
+    k = np.asarray(kernels.pairwise(spec)(x, x), np.float64)
+    assert k.shape == (n, n)
+    np.testing.assert_allclose(k, k.T, rtol=1e-4, atol=1e-6)
+    assert np.linalg.eigvalsh(k).min() > -1e-4 * np.abs(k).max()
+
+
+def test_conv_memory_estimate_grows_with_spatial_size():
+    spec = kernels.parse_arch("convnet")
+    assert kernels.bytes_per_pair(spec, (32, 32, 3)) > 1000 * kernels.bytes_per_pair(spec, (4, 4, 3))
+    assert kernels.spatial_pairs(kernels.parse_arch("fc"), (32, 32, 3)) == 1
