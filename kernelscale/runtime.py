@@ -43,14 +43,26 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         return {"address": address, "started_local": False}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     log.info("starting a local Ray cluster on 127.0.0.1 (no dashboard)")
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        **common,
-    )
+    _init_loopback(ray, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     return {"address": ray.get_runtime_context().gcs_address, "started_local": True}
+
+
+def _init_loopback(ray: Any, **kwargs: Any) -> None:
+    """``ray.init`` of a private local cluster whose servers all bind 127.0.0.1.
+
+    Ray rewrites a node IP of 127.0.0.1 to the machine's routable address (and its gRPC servers then listen
+    on every interface) unless its "single-machine" mode is on, which Ray reads from
+    ``ray_constants.ENABLE_RAY_CLUSTER`` while it picks the node IP. We switch that mode on for the duration
+    of the call only; the started processes receive 127.0.0.1 explicitly.
+    """
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def cluster_slots(gpus_per_worker: float = 0.0) -> int:
