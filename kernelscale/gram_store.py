@@ -218,3 +218,166 @@ def open_gram(path: str, mode: str = "r") -> GramStore:
     if not storage.exists(path):
         raise StoreError(f"{path}: no Gram store there (create one with `kernelscale gram DATA.zarr --out {path}`)")
     return GramStore(path, storage.open_group(path, mode))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver lease: one driver per Gram store
+# ----------------------------------------------------------------------------------------------------------
+
+LOCK_GROUP = "_lock"  # a Zarr subgroup whose attributes hold the lock record
+LEASE_SECONDS = 120.0  # a lock whose heartbeat is older than this is stale
+HEARTBEAT_SECONDS = 15.0
+
+
+def _pid_alive(pid: int) -> bool:
+    import os  # noqa: PLC0415
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class GramLock:
+    """A lease on a Gram store held by the driver computing it, stored as the attributes of subgroup ``_lock``.
+
+    The lock records host, pid, a random token and a heartbeat time (refreshed every
+    ``HEARTBEAT_SECONDS`` by a daemon thread). Another driver is refused while the holder is alive; a lock
+    is stale (and taken over) when its pid is dead on this host or its heartbeat is older than
+    ``lease_seconds``, so a crashed driver never blocks the rerun that resumes its work.
+    """
+
+    def __init__(self, store: GramStore | zarr.Group, lease_seconds: float = LEASE_SECONDS):
+        group = store.group if isinstance(store, GramStore) else store
+        self.path = store.path if isinstance(store, GramStore) else str(group.store)
+        self._store = group.store
+        self._dir = (group.path + "/" if group.path else "") + LOCK_GROUP
+        self._key = self._dir + "/zarr.json"
+        self.lease_seconds = lease_seconds
+        self.token = ""
+        self._stop = None
+        self._thread = None
+
+    # -- raw key access -----------------------------------------------------------------------------------
+    def read(self) -> dict[str, Any] | None:
+        """The current lock record, or None when unlocked (an unreadable record counts as stale)."""
+        from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
+        from zarr.core.sync import sync  # noqa: PLC0415
+
+        buf = sync(self._store.get(self._key, prototype=default_buffer_prototype()))
+        if buf is None:
+            return None
+        try:
+            return dict(json.loads(buf.to_bytes().decode())["attributes"]["lock"])
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            return {"corrupt": True}
+
+    def _write(self, record: dict[str, Any], exclusive: bool) -> None:
+        from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
+        from zarr.core.sync import sync  # noqa: PLC0415
+
+        meta = {"zarr_format": 3, "node_type": "group", "attributes": {"lock": record}}
+        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
+        if exclusive:
+            try:
+                sync(self._store.set_if_not_exists(self._key, buf))
+                return
+            except NotImplementedError:  # some fsspec stores: check-then-set
+                if self.read() is not None:
+                    return
+        sync(self._store.set(self._key, buf))
+
+    def _delete(self) -> None:
+        from zarr.core.sync import sync  # noqa: PLC0415
+
+        sync(self._store.delete(self._key))
+        sync(self._store.delete_dir(self._dir))
+
+    # -- lease logic --------------------------------------------------------------------------------------
+    def stale_reason(self, record: dict[str, Any], now: float | None = None) -> str | None:
+        """Why ``record`` no longer holds the store (None while its holder is alive)."""
+        import socket  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        if record.get("corrupt"):
+            return "the lock record is unreadable"
+        now = time.time() if now is None else now
+        age = now - float(record.get("heartbeat", 0.0))
+        if age > self.lease_seconds:
+            return f"its heartbeat is {age:.0f} s old (lease {self.lease_seconds:.0f} s)"
+        if record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", -1))):
+            return f"process {record.get('pid')} on this host is dead"
+        return None
+
+    def acquire(self) -> "GramLock":
+        """Take the lease or raise :class:`StoreError` naming the live holder."""
+        import os  # noqa: PLC0415
+        import secrets  # noqa: PLC0415
+        import socket  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        token = secrets.token_hex(8)
+        for _ in range(3):
+            held = self.read()
+            if held is not None:
+                reason = self.stale_reason(held)
+                if reason is None:
+                    raise StoreError(
+                        f"{self.path} is being computed by another kernelscale driver (pid {held.get('pid')} on "
+                        f"{held.get('host')}, started {held.get('started')}); wait for it to finish, or if it "
+                        f"is gone, its lease expires {self.lease_seconds:.0f} s after its last heartbeat"
+                    )
+                log.warning("taking over a stale lock on %s: %s", self.path, reason)
+                self._delete()
+            now = time.time()
+            record = {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "heartbeat": now}
+            self._write(record, exclusive=True)
+            if (self.read() or {}).get("token") == token:
+                self.token = token
+                self._record = record
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._heartbeat, name="kernelscale-lock", daemon=True)
+                self._thread.start()
+                return self
+        raise StoreError(f"{self.path}: could not take the driver lock (another driver raced for it); retry")
+
+    def rewrite(self) -> None:
+        """Write our record again (after the store was re-created by ``--overwrite``)."""
+        if self.token:
+            self._write(self._record, exclusive=False)
+
+    def _heartbeat(self) -> None:
+        import time  # noqa: PLC0415
+
+        while self._stop is not None and not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                held = self.read()
+                if held is None or held.get("token") != self.token:
+                    log.warning("lost the driver lock on %s", self.path)
+                    return
+                self._record["heartbeat"] = time.time()
+                self._write(self._record, exclusive=False)
+            except Exception as exc:  # noqa: BLE001 - a failed heartbeat must not kill the run
+                log.warning("lock heartbeat on %s failed: %s", self.path, exc)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self.token:
+            try:
+                if (self.read() or {}).get("token") == self.token:
+                    self._delete()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not release the lock on %s: %s", self.path, exc)
+        self.token = ""
+
+    def __enter__(self) -> "GramLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -46,3 +46,41 @@ def ray_local():
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# ---- object storage: a real S3-compatible server (moto) on 127.0.0.1 -----------------------------------------
+# The endpoint and credentials go into the standard environment variables at import time, before any Ray
+# cluster starts, so Ray's worker processes inherit them exactly as they would on a real cluster node.
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "kernelscale-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kernelscale-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A fresh bucket on a moto S3 server listening on 127.0.0.1; yields its s3:// URL prefix."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    host, port = endpoint.rsplit("//", 1)[1].split(":")
+    server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+    server.start()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("kernelscale-test")
+    yield "s3://kernelscale-test"
+    server.stop()

@@ -1,0 +1,539 @@
+"""The distributed Gram engine: Ray actors compute kernel tiles and write them straight into a Gram store.
+
+Flow (driver):
+1. check inputs and the memory budget, open the dataset store(s), compute the fingerprint;
+2. create the Gram store (metadata only) or, if it exists, refuse a different fingerprint before any
+   compute (``overwrite`` replaces it);
+3. take the driver lock (:class:`~kernelscale.gram_store.GramLock`), list the tiles already present
+   (one store listing) and plan the rest (:class:`~kernelscale.tiles.TilePlan`);
+4. start one actor per worker slot and feed them tiles with ``ray.wait`` (two in flight per actor);
+5. record the run's timing in the store's attributes and return a small summary.
+
+Workers (:class:`GramWorker`) build the jitted kernel once, read their row blocks from the dataset store
+themselves (an LRU cache of blocks, padded to the kernel-call size so every call has one shape and XLA
+compiles once), compute a tile as a grid of ``s x s`` kernel calls that fit the memory budget (only the
+upper half of diagonal tiles, mirrored exactly), and write the tile into the store. Tiles never pass through
+the driver. Writes are whole chunks, atomic and idempotent, so a killed actor (restarted by Ray, its task
+retried) or a killed driver (rerun: only missing tiles are computed) never leaves a wrong matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import kernels, storage
+from .data import DatasetStore, open_dataset
+from .errors import InputError, KernelscaleError, StoreError
+from .gram_store import GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram
+from .tiles import TilePlan, sub_block_size, sub_blocks, tile_entries
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float64")
+MAX_TILE = 4096
+MIN_TILE = 256
+IN_FLIGHT_PER_WORKER = 2
+BUDGET_FRACTION = 0.4  # default memory budget: this fraction of available RAM, shared by the node's workers
+RUNS_KEPT = 20  # per-run timing records kept in the store's attributes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def available_memory() -> int:
+    """Available RAM of this machine in bytes."""
+    try:
+        import psutil  # noqa: PLC0415
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with ray
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_tile(n: int, m: int, symmetric: bool) -> int:
+    """Largest tile in {4096, 2048, 1024, 512, 256} that still gives >= 16 stored tiles (min 256)."""
+    tile = MAX_TILE
+    while tile > MIN_TILE and len(TileGrid(n, m, tile, symmetric)) < 16:
+        tile //= 2
+    return tile
+
+
+def _spec_and_fn(spec_or_kernel_fn: Any, kernel_id: str | None, get: str) -> tuple[dict[str, Any], Any]:
+    """(spec JSON, thing the worker builds its kernel from): a KernelSpec or a user kernel_fn callable."""
+    if isinstance(spec_or_kernel_fn, kernels.KernelSpec):
+        return spec_or_kernel_fn.to_json(), None
+    if isinstance(spec_or_kernel_fn, (str, dict)):
+        spec = kernels.KernelSpec.from_json(spec_or_kernel_fn)
+        return spec.to_json(), None
+    if callable(spec_or_kernel_fn):
+        if not kernel_id:
+            raise InputError(
+                "compute_gram with a kernel_fn callable needs kernel_id='a-name-for-this-kernel': it enters the "
+                "Gram's fingerprint, so a resumed run can tell whether the kernel is the same"
+            )
+        if get not in kernels.KERNELS:
+            raise InputError(f"get must be one of {', '.join(kernels.KERNELS)}, got {get!r}")
+        return {"arch": "callable", "params": {"kernel_id": str(kernel_id)}, "kernel": get}, spec_or_kernel_fn
+    raise InputError(f"expected a KernelSpec (kernelscale.parse_arch) or a kernel_fn(x1, x2, get) callable, got {type(spec_or_kernel_fn).__name__}")
+
+
+def _open_data(data: str | DatasetStore, what: str) -> DatasetStore:
+    store = data if isinstance(data, DatasetStore) else open_dataset(str(data))
+    if store.n == 0:
+        raise InputError(f"{what} {store.path} has no rows")
+    return store
+
+
+def _bytes_per_pair(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> int:
+    arch = spec_json["arch"]
+    spec = kernels.KernelSpec("code" if arch == "callable" else arch, dict(spec_json.get("params", {})),
+                              spec_json.get("kernel", "ntk"))
+    return kernels.bytes_per_pair(spec, input_shape)
+
+
+def _describe_mismatch(attrs: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Human-readable differences between an existing store's attributes and this run's."""
+    diffs = []
+    if attrs.get("data_fingerprint") != want["data_fingerprint"]:
+        diffs.append(f"data (store built from {attrs.get('data_fingerprint', '?')[:19]}..., "
+                     f"this dataset is {want['data_fingerprint'][:19]}...)")
+    if attrs.get("against_fingerprint") != want["against_fingerprint"]:
+        diffs.append(f"against data ({attrs.get('against_fingerprint')} vs {want['against_fingerprint']})")
+    if json.dumps(attrs.get("spec"), sort_keys=True) != json.dumps(want["spec"], sort_keys=True):
+        diffs.append(f"kernel spec (store: {json.dumps(attrs.get('spec'), sort_keys=True)}, "
+                     f"requested: {json.dumps(want['spec'], sort_keys=True)})")
+    if attrs.get("dtype") != want["dtype"]:
+        diffs.append(f"dtype (store {attrs.get('dtype')}, requested {want['dtype']})")
+    if attrs.get("versions") != want["versions"]:
+        diffs.append(f"library versions (store {attrs.get('versions')}, now {want['versions']})")
+    if int(attrs.get("tile", -1)) != want["tile"]:
+        diffs.append(f"tile (store {attrs.get('tile')}, requested {want['tile']}; pass --tile {attrs.get('tile')})")
+    if list(attrs.get("shape", [])) != list(want["shape"]):
+        diffs.append(f"shape (store {attrs.get('shape')}, requested {want['shape']})")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker (a Ray actor)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GramWorker:
+    """Computes tiles of one Gram store. One per worker slot; holds the jitted kernel and a row-block cache."""
+
+    def __init__(self, config: dict[str, Any], kernel_callable: Any = None):
+        self.config = config
+        self.kernel_callable = kernel_callable
+        self.store: GramStore | None = None
+        self.fn: Callable | None = None
+        self.cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.s = int(config["sub_block"])
+
+    def _setup(self) -> None:
+        import jax  # noqa: PLC0415
+
+        cfg = self.config
+        if cfg["dtype"] == "float64":
+            jax.config.update("jax_enable_x64", True)
+        self.store = open_gram(cfg["out"], "r+")
+        self.data = {"rows": open_dataset(cfg["data"])}
+        self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
+        if self.kernel_callable is not None:
+            fn, get = self.kernel_callable, cfg["spec"]["kernel"]
+            self.fn = jax.jit(lambda x1, x2: fn(x1, x2, get))
+        else:
+            self.fn = kernels.pairwise(kernels.KernelSpec.from_json(cfg["spec"]))
+
+    def _block(self, which: str, index: int) -> Any:
+        """Rows of tile band ``index`` of the row (``rows``) or column (``cols``) data, padded to a multiple of
+        the kernel-call size by repeating the last row (padding never produces NaN), as a device array."""
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        key = ("rows" if which == "rows" or not self.config["against"] else "cols", index)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        data = self.data[which]
+        t = self.config["tile"]
+        x = data.rows(index * t, min(data.n, (index + 1) * t))
+        pad = -len(x) % self.s
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        value = jnp.asarray(x, dtype=self.config["dtype"])
+        self.cache[key] = value
+        while len(self.cache) > self.config["cache_blocks"]:
+            self.cache.popitem(last=False)
+        return value
+
+    def compute(self, i: int, j: int) -> dict[str, Any]:
+        """Compute tile (i, j) and write it to the store; returns a small status record."""
+        import ray  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        if self.fn is None:
+            self._setup()
+        assert self.store is not None and self.fn is not None
+        grid, s = self.store.grid, self.s
+        r0, r1, c0, c1 = grid.bounds(i, j)
+        nr, nc = r1 - r0, c1 - c0
+        x1 = self._block("rows", i)
+        x2 = x1 if (grid.symmetric and i == j) else self._block("cols", j)
+        t_read = time.perf_counter()
+        diagonal = grid.symmetric and i == j
+        out = np.empty((nr, nc), self.config["dtype"])
+        for a, b in sub_blocks(nr, nc, s, diagonal):
+            k = np.asarray(self.fn(x1[a : a + s], x2[b : b + s]))
+            ra, rb = min(s, nr - a), min(s, nc - b)
+            if diagonal and a == b:
+                k = np.triu(k) + np.triu(k, 1).T  # exactly symmetric
+            out[a : a + ra, b : b + rb] = k[:ra, :rb]
+            if diagonal and a != b:
+                out[b : b + rb, a : a + ra] = k[:ra, :rb].T
+        t_kernel = time.perf_counter()
+        self.store.write_tile(i, j, out)
+        t_write = time.perf_counter()
+        return {"tile": (i, j), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "entries": nr * nc, "read_s": t_read - t0, "kernel_s": t_kernel - t_read, "write_s": t_write - t_kernel}
+
+    def ping(self) -> str:
+        return socket.gethostname()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_gram(
+    data: str | DatasetStore,
+    spec_or_kernel_fn: Any,
+    out: str,
+    *,
+    against: str | DatasetStore | None = None,
+    tile: int | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    dtype: str = "float32",
+    memory_budget: int | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+    kernel_id: str | None = None,
+    get: str = "ntk",
+    tiles: Iterable[tuple[int, int]] | None = None,
+    max_tiles: int | None = None,
+    sub_block: int | None = None,
+    cache_blocks: int = 4,
+) -> dict[str, Any]:
+    """Compute (or resume) the Gram K(data, data) -- or K(data, against) -- into the Gram store ``out``.
+
+    ``spec_or_kernel_fn``: a :class:`~kernelscale.kernels.KernelSpec` (``parse_arch``) or any
+    ``kernel_fn(x1, x2, get)`` callable with ``kernel_id`` naming it (and ``get`` = 'ntk'|'nngp').
+    ``memory_budget``: bytes per worker for one kernel call's intermediates (default: 40% of available RAM
+    divided among the workers). ``tiles``: compute only these (i, j) tiles (recomputed even if present);
+    ``max_tiles``: stop after this many pending tiles (sampling a huge Gram). Returns the JSON summary:
+    ``tiles_total``, ``tiles_computed``, ``tiles_skipped``, ``seconds``, ``entries_per_s``, ``nodes``, ...
+    """
+    t_start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    spec_json, kernel_callable = _spec_and_fn(spec_or_kernel_fn, kernel_id, get)
+    rows = _open_data(data, "DATA")
+    cols = _open_data(against, "--against") if against is not None else None
+    if cols is not None and cols.input_shape != rows.input_shape:
+        raise InputError(f"--against rows have shape {cols.input_shape} but DATA rows have {rows.input_shape}; "
+                         "both must be ingested with the same --resize")
+    symmetric = cols is None
+    n, m = rows.n, (cols.n if cols is not None else rows.n)
+    if tile is None:
+        tile = int(open_gram(out).tile) if storage.exists(out) and not overwrite else default_tile(n, m, symmetric)
+    if tile < 1:
+        raise InputError(f"--tile must be >= 1, got {tile}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    if max_tiles is not None and max_tiles < 0:
+        raise InputError(f"--max-tiles must be >= 0, got {max_tiles}")
+    grid = TileGrid(n, m, tile, symmetric)
+    selection = None
+    if tiles is not None:
+        selection = [(int(i), int(j)) for i, j in tiles]
+        rows_t, cols_t = grid.shape
+        bad = [t for t in selection if not (0 <= t[0] < rows_t and 0 <= t[1] < cols_t and grid.stored(*t))]
+        if bad:
+            raise InputError(f"tiles {bad[:5]} are not stored tiles of a {rows_t} x {cols_t} tile grid "
+                             f"({'upper triangle i <= j' if symmetric else 'any i, j'})")
+
+    # memory: one kernel call of s x s pairs must fit the per-worker budget
+    bpp = _bytes_per_pair(spec_json, rows.input_shape)
+    if dtype == "float64":
+        bpp *= 2
+    n_workers_hint = workers or 1
+    budget = int(memory_budget) if memory_budget else int(BUDGET_FRACTION * available_memory() / n_workers_hint)
+    s = sub_block or sub_block_size(tile, bpp, budget)
+    if s < 1:
+        raise InputError(
+            f"one pair of inputs needs about {bpp / 2**20:.1f} MiB in this kernel but the memory budget is "
+            f"{budget / 2**20:.1f} MiB per worker; raise --memory-budget, use fewer --workers, or smaller images"
+        )
+
+    versions = kernels.versions()
+    against_fp = cols.fingerprint if cols is not None else None
+    fingerprint = gram_fingerprint(json.dumps(spec_json, sort_keys=True), dtype, rows.fingerprint, against_fp, versions)
+    want = {"spec": spec_json, "dtype": dtype, "data_fingerprint": rows.fingerprint, "against_fingerprint": against_fp,
+            "versions": versions, "fingerprint": fingerprint, "tile": tile, "shape": [n, m]}
+    new_attrs = {"spec": spec_json, "data_fingerprint": rows.fingerprint, "against_fingerprint": against_fp,
+                 "versions": versions, "fingerprint": fingerprint, "data_path": _abspath(rows.path),
+                 "against_path": _abspath(cols.path) if cols is not None else None,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+
+    existing = storage.exists(out)
+    if existing and not overwrite:
+        store = open_gram(out)
+        if store.fingerprint != fingerprint or store.tile != tile or list(store.shape) != [n, m]:
+            diffs = _describe_mismatch(store.attrs, want)
+            raise StoreError(
+                f"{out} holds a different Gram: {'; '.join(diffs) or 'fingerprint differs'}. Pass --overwrite to "
+                "replace it, or choose another --out"
+            )
+    elif not existing:
+        store = create_gram(out, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric, attrs=new_attrs)
+
+    lock = GramLock(open_gram(out, "r+")).acquire()
+    try:
+        if existing and overwrite:
+            storage.remove(out)
+            create_gram(out, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric, attrs=new_attrs)
+            lock.rewrite()
+        store = open_gram(out, "r+")
+        t_plan = time.perf_counter()
+        done = store.done_tiles()
+        plan = TilePlan(grid, done=done, selection=selection, max_tiles=max_tiles)
+        plan_seconds = time.perf_counter() - t_plan
+        config = {"out": out, "data": rows.path, "against": cols.path if cols is not None else None,
+                  "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks}
+        log.info("%s: %d tiles, %d present, %d to compute (tile %d, kernel calls %d x %d, %.0f MiB budget)",
+                 out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
+        run = _run_workers(plan, grid, config, kernel_callable, workers, gpus_per_worker, address, progress)
+        seconds = time.perf_counter() - t_start
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
+                  "seconds": round(seconds, 3), "compute_seconds": round(run["seconds"], 3),
+                  "tiles_computed": run["tiles"], "entries": run["entries"], "workers": run["workers"],
+                  "entries_per_s": round(run["entries"] / run["seconds"], 1) if run["seconds"] > 0 and run["entries"] else None}
+        if run["tiles"]:
+            store.group.attrs["runs"] = (list(store.attrs.get("runs", [])) + [record])[-RUNS_KEPT:]
+    finally:
+        lock.release()
+    seconds = time.perf_counter() - t_start
+    skipped = len(done) if selection is None else 0
+    return {
+        "path": out,
+        "shape": [n, m],
+        "symmetric": symmetric,
+        "tile": tile,
+        "dtype": dtype,
+        "fingerprint": fingerprint,
+        "tiles_total": len(grid),
+        "tiles_computed": run["tiles"],
+        "tiles_skipped": skipped,
+        "tiles_missing": len(grid) - len(done) - (run["tiles"] if selection is None else 0),
+        "seconds": round(seconds, 3),
+        "compute_seconds": round(run["seconds"], 3),
+        "plan_seconds": round(plan_seconds, 3),
+        "entries_per_s": round(run["entries"] / seconds, 1) if seconds > 0 else 0.0,
+        "workers": run["workers"],
+        "sub_block": s,
+        "memory_budget": budget,
+        "nodes": run["nodes"],
+        "tile_seconds": run["tile_seconds"],
+    }
+
+
+def _abspath(path: str) -> str:
+    return path if storage.is_url(path) else os.path.abspath(path)
+
+
+def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_callable: Any,
+                 workers: int | None, gpus_per_worker: float, address: str | None, progress: bool) -> dict[str, Any]:
+    """Start the actors, feed them the plan with ray.wait, and collect status records."""
+    result: dict[str, Any] = {"tiles": 0, "entries": 0, "nodes": {}, "workers": 0, "seconds": 0.0,
+                              "tile_seconds": {"read": 0.0, "kernel": 0.0, "write": 0.0}}
+    if plan.total == 0:
+        return result
+    import ray  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from . import runtime  # noqa: PLC0415
+
+    runtime.ensure_ray(address)
+    t0 = time.perf_counter()
+    n_workers = min(workers or runtime.cluster_slots(gpus_per_worker), plan.total)
+    remote_cls = ray.remote(GramWorker)
+    opts = runtime.actor_options(gpus_per_worker)
+    callable_ref = ray.put(kernel_callable) if kernel_callable is not None else None
+    actors = [remote_cls.options(**opts).remote(config, callable_ref) for _ in range(n_workers)]
+    result["workers"] = n_workers
+    last_row: list[int | None] = [None] * n_workers
+    inflight: dict[Any, tuple[int, tuple[int, int]]] = {}
+    failures: dict[tuple[int, int], int] = {}
+
+    def submit(k: int) -> None:
+        nxt = plan.next(last_row[k])
+        if nxt is not None:
+            last_row[k] = nxt[0]
+            inflight[actors[k].compute.remote(*nxt)] = (k, nxt)
+
+    bar = tqdm(total=plan.total, desc="gram", unit="tile", disable=not progress)
+    try:
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for k in range(n_workers):
+                submit(k)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                k, tile_ij = inflight.pop(ref)
+                try:
+                    status = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.as_instanceof_cause()
+                    if isinstance(cause, KernelscaleError):
+                        raise type(cause)(str(cause).splitlines()[-1]) from exc
+                    raise KernelscaleError(f"tile {tile_ij} failed in a worker: {exc}") from exc
+                except ray.exceptions.RayError as exc:  # actor lost beyond Ray's own retries
+                    failures[tile_ij] = failures.get(tile_ij, 0) + 1
+                    if failures[tile_ij] > 3:
+                        raise KernelscaleError(f"tile {tile_ij} failed {failures[tile_ij]} times: {exc}") from exc
+                    log.warning("tile %s lost (%s); rescheduling", tile_ij, exc)
+                    plan.push_back(tile_ij)
+                    actors[k] = remote_cls.options(**opts).remote(config, callable_ref)
+                    last_row[k] = None
+                    submit(k)
+                    continue
+                result["tiles"] += 1
+                result["entries"] += status["entries"]
+                result["nodes"][status["node"]] = result["nodes"].get(status["node"], 0) + 1
+                for part in ("read", "kernel", "write"):
+                    result["tile_seconds"][part] += status[f"{part}_s"]
+                bar.update(1)
+                submit(k)
+    finally:
+        bar.close()
+        for ref in list(inflight):
+            ray.cancel(ref, force=False)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    result["seconds"] = time.perf_counter() - t0
+    result["tile_seconds"] = {k: round(v, 3) for k, v in result["tile_seconds"].items()}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Status and verification
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gram_status(path: str) -> dict[str, Any]:
+    """Tiles done/total, fingerprint summary, measured throughput and ETA of a Gram store (one listing)."""
+    store = open_gram(path)
+    grid = store.grid
+    done = store.done_tiles()
+    total = len(grid)
+    attrs = store.attrs
+    runs = list(attrs.get("runs", []))
+    rates = [r["entries_per_s"] for r in runs if r.get("entries_per_s")]
+    rate = rates[-1] if rates else None
+    missing_entries = grid.n * grid.m
+    if grid.symmetric:
+        missing_entries = grid.n * (grid.n + 1) // 2  # approximate stored entries
+    done_entries = sum(tile_entries(grid, t) for t in done)
+    stored_entries = sum(tile_entries(grid, t) for t in grid) if total <= 200_000 else missing_entries
+    remaining = max(0, stored_entries - done_entries)
+    lock = GramLock(store).read()
+    spec = attrs.get("spec", {})
+    return {
+        "path": path,
+        "shape": list(store.shape),
+        "symmetric": store.symmetric,
+        "tile": store.tile,
+        "dtype": attrs.get("dtype"),
+        "tiles_done": len(done),
+        "tiles_total": total,
+        "complete": len(done) == total,
+        "kernel": f"{spec.get('arch')} {spec.get('kernel')} {json.dumps(spec.get('params', {}), sort_keys=True)}",
+        "fingerprint": store.fingerprint,
+        "data_fingerprint": attrs.get("data_fingerprint"),
+        "against_fingerprint": attrs.get("against_fingerprint"),
+        "data_path": attrs.get("data_path"),
+        "versions": attrs.get("versions"),
+        "runs": len(runs),
+        "entries_per_s": rate,
+        "tiles_per_s": round(rate * total / stored_entries, 4) if rate and stored_entries else None,
+        "eta_seconds": round(remaining / rate, 1) if rate else None,
+        "storage_bytes": stored_entries * np.dtype(attrs.get("dtype", "float32")).itemsize,
+        "locked_by": None if lock is None else {k: lock.get(k) for k in ("host", "pid", "started")},
+    }
+
+
+def verify_gram(path: str, *, repair: bool = False, progress: bool = True, workers: int | None = None,
+                address: str | None = None, kernel_fn: Any = None) -> dict[str, Any]:
+    """Check every tile: present, checksum-valid, finite, diagonal tiles exactly symmetric.
+
+    With ``repair``, bad tiles are deleted and recomputed from the dataset store(s) recorded in the attributes
+    (``kernel_fn`` must be passed again for Grams of a user callable). ``ok`` is True when all tiles are good
+    (after repair, if requested).
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    store = open_gram(path)
+    grid = store.grid
+    done = store.done_tiles()
+    bad: dict[tuple[int, int], str] = {}
+    for ij in tqdm(list(grid), desc="verify", unit="tile", disable=not progress):
+        if ij not in done:
+            bad[ij] = "missing"
+            continue
+        try:
+            values = store.read_tile(*ij)
+        except StoreError as exc:
+            bad[ij] = "corrupt" if "corrupt" in str(exc) else "non-finite"
+            continue
+        if grid.symmetric and ij[0] == ij[1] and not np.array_equal(values, values.T):
+            bad[ij] = "asymmetric"
+    summary: dict[str, Any] = {
+        "path": path, "tiles_total": len(grid), "tiles_checked": len(grid) - sum(v == "missing" for v in bad.values()),
+        "tiles_bad": len(bad), "bad": [{"tile": list(k), "problem": v} for k, v in sorted(bad.items())][:100],
+        "repaired": 0, "ok": not bad,
+    }
+    if bad and repair:
+        attrs = store.attrs
+        spec = attrs["spec"]
+        data_path = attrs.get("data_path")
+        if not data_path or not storage.exists(data_path):
+            raise StoreError(f"{path}: cannot repair: the dataset store it was built from ({data_path}) is not there")
+        if spec.get("arch") == "callable" and kernel_fn is None:
+            raise InputError(f"{path} was built from a user kernel_fn; pass it again (verify_gram(..., kernel_fn=f))")
+        writable = open_gram(path, "r+")
+        for ij in bad:
+            if ij in done:
+                storage.delete_chunk(writable.array, ij)
+        kernel = kernel_fn if spec.get("arch") == "callable" else kernels.KernelSpec.from_json(spec)
+        result = compute_gram(data_path, kernel, path, against=attrs.get("against_path"), tile=store.tile,
+                              dtype=attrs["dtype"], workers=workers, address=address, progress=progress,
+                              kernel_id=spec.get("params", {}).get("kernel_id"), get=spec.get("kernel", "ntk"),
+                              tiles=sorted(bad))
+        summary["repaired"] = result["tiles_computed"]
+        recheck = verify_gram(path, repair=False, progress=False)
+        summary["ok"] = recheck["ok"]
+        summary["tiles_bad_after_repair"] = recheck["tiles_bad"]
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary

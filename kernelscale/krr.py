@@ -1,0 +1,370 @@
+"""Kernel ridge regression on stored Gram matrices: solve, evaluate, learning curves.
+
+Targets are the one-hot labels minus 1/C (``DatasetStore.one_hot``). The system is (K + r I) alpha = Y with
+r = reg * trace(K) / N (``reg_scale="trace"``, neural-tangents' convention) or r = reg (``"absolute"``).
+
+A model store (``MODEL.zarr``) is a Zarr v3 group::
+
+    alpha    float64 (N, C), crc32c
+    attrs    kernelscale="model", gram_fingerprint, data_fingerprint, spec, reg, reg_scale, reg_effective,
+             num_classes, class_names, solver, precond, status, iterations, rel_residual, tol, complete
+
+Only converged solves write a model; a solve that stops early exits 3 and writes nothing (its checkpoint, if
+asked for, lets ``--resume`` continue). Predictions on test rows are K(test, train) @ alpha, streamed tile by
+tile from a cross Gram store (``kernelscale gram TEST.zarr --against DATA.zarr``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import storage
+from .data import DatasetStore, open_dataset
+from .errors import InputError, NotConvergedError, StoreError
+from .gram_store import GramStore, open_gram
+from .linalg import (
+    CGOptions,
+    DenseOperator,
+    LinearOperator,
+    PreconditionerSpec,
+    RayGramOperator,
+    Solution,
+    ZarrGramOperator,
+    build_preconditioner,
+    cg,
+    cholesky_solve,
+)
+
+log = logging.getLogger(__name__)
+
+REG_SCALES = ("trace", "absolute")
+SOLVERS = ("cg", "cholesky")
+OPERATORS = ("zarr", "memory", "ray")
+MODEL_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks (all before any expensive work)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_reg(reg: float, reg_scale: str) -> None:
+    if reg_scale not in REG_SCALES:
+        raise InputError(f"--reg-scale must be one of {', '.join(REG_SCALES)}, got {reg_scale!r}")
+    if not np.isfinite(reg) or reg < 0:
+        raise InputError(f"--reg must be a finite number >= 0, got {reg}")
+
+
+def effective_reg(reg: float, reg_scale: str, trace: float, n: int) -> float:
+    """The value added to the diagonal: reg * trace / n (``trace``) or reg (``absolute``)."""
+    return float(reg * trace / max(n, 1)) if reg_scale == "trace" else float(reg)
+
+
+def check_gram_for_data(store: GramStore, data: DatasetStore) -> None:
+    """Refuse a Gram that is not the symmetric, complete train Gram of ``data``."""
+    attrs = store.attrs
+    n, m = store.shape
+    if n != m:
+        raise StoreError(f"{store.path} is a rectangular ({n} x {m}) cross Gram; `solve` needs the square train "
+                         f"Gram of {data.path} (`kernelscale gram {data.path} --out GRAM.zarr`)")
+    if attrs.get("data_fingerprint") != data.fingerprint:
+        raise StoreError(f"{store.path} was built on other data (its data_fingerprint {attrs.get('data_fingerprint')} "
+                         f"!= {data.path}'s {data.fingerprint}); compute the Gram of this dataset")
+    against = attrs.get("against_fingerprint")
+    if against not in (None, data.fingerprint):
+        raise StoreError(f"{store.path} is a cross Gram against other data ({against}); `solve` needs K(train, train)")
+    if n != data.n:
+        raise StoreError(f"{store.path} has {n} rows but {data.path} has {data.n}")
+    if not store.symmetric:
+        _check_numerically_symmetric(store)
+    missing = store.missing_tiles()
+    if missing:
+        raise StoreError(f"{store.path} is incomplete: {len(missing)} of {len(store.grid)} tiles missing (e.g. "
+                         f"{missing[:3]}); rerun `kernelscale gram` to finish it (it resumes)")
+
+
+def _check_numerically_symmetric(store: GramStore) -> None:
+    """A square store saved in full: compare a few mirrored tile pairs (and the diagonal tiles)."""
+    rows = store.grid.shape[0]
+    pairs = [(i, i) for i in range(min(rows, 3))] + [(0, j) for j in range(1, min(rows, 4))]
+    for i, j in pairs:
+        a, b = store.read_tile(i, j), store.read_tile(j, i)
+        if not np.allclose(a, b.T, rtol=1e-5, atol=1e-6 * float(np.abs(a).max(initial=1.0))):
+            raise StoreError(f"{store.path} is not symmetric (tile ({i}, {j}) != tile ({j}, {i})^T); "
+                             "a kernel ridge solve needs a symmetric Gram")
+
+
+def open_operator(store: GramStore, kind: str = "zarr", *, workers: int | None = None,
+                  ray_address: str | None = None) -> LinearOperator:
+    """The Gram as an operator: streamed from its store, loaded in memory, or spread over Ray actors."""
+    if kind == "zarr":
+        return ZarrGramOperator(store, prefetch=2)
+    if kind == "memory":
+        return DenseOperator(store.to_numpy(), symmetric=store.symmetric or None, psd=True)
+    if kind == "ray":
+        return RayGramOperator(store, workers=workers, address=ray_address)
+    raise InputError(f"--operator must be one of {', '.join(OPERATORS)}, got {kind!r}")
+
+
+def _check_out(out: str) -> None:
+    if storage.exists(out):
+        try:
+            kind = dict(storage.open_group(out, "r").attrs).get("kernelscale")
+        except Exception:  # noqa: BLE001 - anything unreadable is "not a model"
+            kind = None
+        if kind != "model":
+            raise InputError(f"--out {out} exists and is not a kernelscale model store; choose another path")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Solve
+# ----------------------------------------------------------------------------------------------------------
+
+
+def solve(
+    gram: str,
+    data: str,
+    *,
+    reg: float,
+    out: str,
+    reg_scale: str = "trace",
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    precond: str = "none",
+    solver: str = "cg",
+    operator: str = "zarr",
+    landmarks: str = "rpcholesky",
+    nystrom_residual: str = "diag",
+    seed: int = 0,
+    true_residual_every: int = 50,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Solve (K + r I) alpha = Y for a stored train Gram and write MODEL.zarr if it converges.
+
+    Returns the summary (status, iterations, rel_residual = max true relative residual over columns, seconds,
+    message, ...). A non-converged solve sets ``_exit_code`` 3 and writes no model.
+    """
+    t0 = time.perf_counter()
+    check_reg(reg, reg_scale)
+    if solver not in SOLVERS:
+        raise InputError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if operator not in OPERATORS:
+        raise InputError(f"--operator must be one of {', '.join(OPERATORS)}, got {operator!r}")
+    pspec = PreconditionerSpec.parse(precond, landmarks=landmarks, residual=nystrom_residual, seed=seed)
+    options = CGOptions(tol=tol, max_iter=max_iter, true_residual_every=true_residual_every,
+                        checkpoint_path=checkpoint, checkpoint_every=checkpoint_every)
+    options.validate()
+    if resume and not checkpoint:
+        raise InputError("--resume needs --checkpoint PATH (the file a previous solve wrote)")
+    ds = open_dataset(data)
+    store = open_gram(gram)
+    check_gram_for_data(store, ds)
+    _check_out(out)
+    y = ds.one_hot(centred=True).astype(np.float64)
+
+    diag = np.asarray(store.diag(), np.float64)
+    reg_eff = effective_reg(reg, reg_scale, float(diag.sum()), ds.n)
+    summary: dict[str, Any] = {"solver": solver, "n": ds.n, "classes": ds.num_classes, "reg": reg,
+                               "reg_scale": reg_scale, "reg_effective": reg_eff}
+    if solver == "cholesky":
+        k = store.to_numpy()
+        sol = cholesky_solve(k, y, reg_eff)
+        del k
+        summary["precond"] = "n/a"
+    else:
+        op = open_operator(store, operator, workers=workers)
+        try:
+            pre = build_preconditioner(pspec, op, reg_eff)
+            bar = tqdm(total=max_iter, desc="cg", unit="it", disable=not progress)
+
+            def _cb(info: dict[str, Any]) -> None:
+                bar.update(1)
+                bar.set_postfix(res=f"{info['max_rel_residual']:.2e}", active=info["active"])
+                if callback is not None:
+                    callback(info)
+
+            problem_id = f"{store.fingerprint}|{ds.fingerprint}|{reg_eff!r}|{pspec!r}"
+            try:
+                sol = cg(op.shift(reg_eff), y, pre, options, callback=_cb,
+                         resume_from=checkpoint if resume else None, problem_id=problem_id)
+            finally:
+                bar.close()
+        finally:
+            op.close()
+        summary.update({"precond": pspec.describe(), "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
+                        "products": sol.products, "operator_seconds": round(sol.operator_seconds, 3),
+                        "seconds_per_iteration": round(sol.operator_seconds / max(sol.products, 1), 4)})
+    summary = {"status": sol.status, "iterations": sol.iterations, "rel_residual": sol.max_rel_residual,
+               "seconds": round(time.perf_counter() - t0, 3), "message": sol.message} | summary
+    if sol.converged:
+        write_model(out, sol.x, store=store, data=ds, summary=summary, tol=tol)
+        summary["out"] = out
+    else:
+        summary["out"] = None
+        summary["message"] = sol.message + " No model was written."
+        summary["_exit_code"] = 3
+        log.error("solve did not converge: %s", sol.message)
+    return summary
+
+
+def write_model(out: str, alpha: np.ndarray, *, store: GramStore, data: DatasetStore, summary: dict[str, Any],
+                tol: float) -> None:
+    """Write MODEL.zarr (``complete`` is set last: a model cut short by a crash is refused by eval)."""
+    group = storage.open_group(out, "w")
+    arr = storage.checksummed_array(group, "alpha", alpha.shape, (min(alpha.shape[0], 65536), alpha.shape[1]),
+                                    "float64", np.nan)
+    arr[...] = alpha
+    group.attrs.update({
+        "kernelscale": "model", "format_version": MODEL_FORMAT_VERSION, "gram_fingerprint": store.fingerprint,
+        "gram_path": store.path, "data_fingerprint": data.fingerprint, "spec": store.attrs.get("spec"),
+        "num_classes": data.num_classes, "class_names": data.class_names, "tol": tol,
+        **{k: summary[k] for k in ("reg", "reg_scale", "reg_effective", "solver", "precond", "status",
+                                   "iterations", "rel_residual")},
+    })
+    group.attrs["complete"] = True
+
+
+def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
+    """(attrs, alpha) of a model store; refuses incomplete or non-model stores."""
+    if not storage.exists(path):
+        raise StoreError(f"{path}: no model store there (create one with `kernelscale solve ... --out {path}`)")
+    group = storage.open_group(path, "r")
+    attrs = dict(group.attrs)
+    if attrs.get("kernelscale") != "model" or "alpha" not in group:
+        raise StoreError(f"{path} is not a kernelscale model store (create one with `kernelscale solve`)")
+    if not attrs.get("complete") or attrs.get("status") != "converged":
+        raise StoreError(f"{path} is incomplete or not converged; rerun `kernelscale solve`")
+    try:
+        alpha = np.asarray(group["alpha"][...], np.float64)
+    except ValueError as exc:
+        raise StoreError(f"{path}: alpha is corrupt ({exc}); rerun `kernelscale solve`") from exc
+    if not np.isfinite(alpha).all():
+        raise StoreError(f"{path}: alpha has missing or non-finite values; rerun `kernelscale solve`")
+    return attrs, alpha
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eval
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_cross(cross: GramStore, test: DatasetStore, train_fingerprint: str, n_train: int,
+                spec: dict[str, Any] | None) -> None:
+    """Refuse a cross Gram that is not K(test, train) for these stores (and this kernel)."""
+    attrs = cross.attrs
+    if attrs.get("data_fingerprint") != test.fingerprint:
+        raise StoreError(f"{cross.path} was computed on other test rows (data_fingerprint "
+                         f"{attrs.get('data_fingerprint')} != {test.path}'s {test.fingerprint})")
+    if attrs.get("against_fingerprint") != train_fingerprint:
+        raise StoreError(f"{cross.path} is against other training data (against_fingerprint "
+                         f"{attrs.get('against_fingerprint')} != the model's data {train_fingerprint}); compute "
+                         f"`kernelscale gram {test.path} --against TRAIN.zarr`")
+    if cross.shape != (test.n, n_train):
+        raise StoreError(f"{cross.path} has shape {cross.shape}, expected ({test.n}, {n_train})")
+    if spec is not None and attrs.get("spec") is not None and attrs.get("spec") != spec:
+        raise StoreError(f"{cross.path} was computed with another kernel ({attrs.get('spec')}) than the model ({spec})")
+    missing = cross.missing_tiles()
+    if missing:
+        raise StoreError(f"{cross.path} is incomplete: {len(missing)} tiles missing; rerun `kernelscale gram` to finish it")
+
+
+def scores(pred: np.ndarray, test: DatasetStore) -> dict[str, float]:
+    """accuracy (argmax vs labels) and mse (mean over rows and classes of (pred - (one-hot - 1/C))^2)."""
+    if not np.isfinite(pred).all():
+        raise StoreError("predictions are not finite: a store holds NaN/Inf values; run `kernelscale verify`")
+    y = test.one_hot(centred=True).astype(np.float64)
+    return {"accuracy": float(np.mean(np.argmax(pred, axis=1) == test.labels)),
+            "mse": float(np.mean((pred - y) ** 2))}
+
+
+def evaluate(model: str, cross: str, test: str) -> dict[str, Any]:
+    """Test accuracy and MSE of a model: K(test, train) @ alpha streamed from the cross store."""
+    t0 = time.perf_counter()
+    attrs, alpha = open_model(model)
+    ts = open_dataset(test)
+    cs = open_gram(cross)
+    check_cross(cs, ts, attrs["data_fingerprint"], alpha.shape[0], attrs.get("spec"))
+    if ts.num_classes != alpha.shape[1]:
+        raise InputError(f"{test} has {ts.num_classes} classes, the model {alpha.shape[1]}")
+    with ZarrGramOperator(cs, prefetch=2, psd=False) as op:
+        pred = op.mm(alpha)
+    return scores(pred, ts) | {"n_test": ts.n, "n_train": alpha.shape[0], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning curves
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_sizes(text: str | Sequence[int], n: int) -> list[int]:
+    try:
+        sizes = [int(s) for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    except ValueError:
+        raise InputError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise InputError("--sizes needs at least one size")
+    bad = [s for s in sizes if not 1 <= s <= n]
+    if bad:
+        raise InputError(f"--sizes {bad} out of range: the Gram has {n} rows (sizes must be in 1..{n})")
+    return sorted(set(sizes))
+
+
+def nested_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation whose every prefix is class-balanced (classes interleaved round robin)."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rounds = max(len(p) for p in per_class)
+    order = [p[r] for r in range(rounds) for p in per_class if r < len(p)]
+    return np.asarray(order, np.int64)
+
+
+def curve(gram: str, data: str, cross: str, test: str, sizes: str | Sequence[int], *, reg: float = 1e-4,
+          reg_scale: str = "trace", seed: int = 0, tol: float = 1e-6, max_iter: int = 1000,
+          direct_max: int = 20000, progress: bool = True) -> dict[str, Any]:
+    """Test accuracy of KRR on nested class-balanced subsets of the stored Gram (no kernel recomputation).
+
+    Each size n uses the first n rows of :func:`nested_order`; K[S, S] and K(test, S) are gathered from the
+    stores once for the largest size. Sizes up to ``direct_max`` use float64 Cholesky, larger ones Nyström PCG.
+    """
+    t0 = time.perf_counter()
+    check_reg(reg, reg_scale)
+    ds, ts = open_dataset(data), open_dataset(test)
+    gs, cs = open_gram(gram), open_gram(cross)
+    check_gram_for_data(gs, ds)
+    check_cross(cs, ts, ds.fingerprint, ds.n, gs.attrs.get("spec"))
+    sizes_l = parse_sizes(sizes, ds.n)
+    order = nested_order(ds.labels, seed)[: sizes_l[-1]]
+    with ZarrGramOperator(gs) as g_op, ZarrGramOperator(cs, psd=False) as c_op:
+        k_full = g_op.submatrix(order, order)
+        k_cross = c_op.submatrix(np.arange(ts.n), order)
+    y_all = ds.one_hot(order, centred=True).astype(np.float64)
+    acc, mse, secs, how = [], [], [], []
+    for n in tqdm(sizes_l, desc="curve", disable=not progress):
+        t = time.perf_counter()
+        k = k_full[:n, :n]
+        reg_eff = effective_reg(reg, reg_scale, float(np.trace(k)), n)
+        if n <= direct_max:
+            sol: Solution = cholesky_solve(k, y_all[:n], reg_eff)
+        else:
+            op = DenseOperator(k, symmetric=True, psd=True)
+            pre = build_preconditioner(PreconditionerSpec("nystrom", min(2000, n), seed=seed), op, reg_eff)
+            sol = cg(op.shift(reg_eff), y_all[:n], pre, CGOptions(tol=tol, max_iter=max_iter))
+        if not sol.converged:
+            raise NotConvergedError(f"curve: the solve at size {n} did not succeed ({sol.status}): {sol.message}")
+        sc = scores(k_cross[:, :n] @ sol.x, ts)
+        acc.append(sc["accuracy"])
+        mse.append(sc["mse"])
+        secs.append(round(time.perf_counter() - t, 3))
+        how.append("cholesky" if n <= direct_max else "cg")
+    return {"sizes": sizes_l, "accuracy": acc, "mse": mse, "solve_seconds": secs, "solver": how,
+            "reg": reg, "reg_scale": reg_scale, "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,287 @@
+"""Preconditioned conjugate gradients for many right-hand sides at once, as a plain loop (Falkon style).
+
+Every column runs its own CG recurrence (vectorised: one ``A.mm`` per iteration serves all active
+columns, so all classes share one pass over the Gram). Columns are independent, so duplicated or linearly
+dependent right-hand sides cannot make the iteration singular (no NaN), unlike a textbook block CG.
+Reductions (inner products, norms) are float64. A column stops when its relative residual
+||b - A x|| / ||b|| <= tol, checked on the TRUE residual (a recurrence that claims convergence is verified
+with one product; if the true residual is above tol the column restarts from it); converged columns are
+frozen and no longer multiplied. The true residual also replaces the recurrence every
+``true_residual_every`` iterations. The state after any iteration (x, r, p, rz, per-column status) can be
+saved to an ``.npz`` checkpoint and a solve resumed from it gives the same iterates.
+
+Statuses: ``converged`` (every column), ``max_iterations``, ``breakdown`` (p^T A p <= 0 or r^T P^{-1} r
+<= 0: indefinite/singular operator or preconditioner), ``non_finite`` (NaN/Inf from the operator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError
+from .operators import LinearOperator
+from .preconditioners import Preconditioner
+
+log = logging.getLogger(__name__)
+
+ACTIVE, CONVERGED, BREAKDOWN, NON_FINITE = 0, 1, 2, 3
+STATUS_NAMES = {ACTIVE: "max_iterations", CONVERGED: "converged", BREAKDOWN: "breakdown", NON_FINITE: "non_finite"}
+
+
+@dataclass
+class CGOptions:
+    """Solver options; each maps to one CLI flag of ``kernelscale solve``.
+
+    tol: per-column relative residual ||b - A x|| / ||b|| (``--tol``).
+    max_iter: iterations (operator products) at most, counted over the whole solve incl. resumes (``--max-iter``).
+    true_residual_every: recompute r = b - A x every k iterations, 0 never (``--true-residual-every``).
+    checkpoint_path: ``.npz`` file the state is written to (``--checkpoint``); None: no checkpoints.
+    checkpoint_every: iterations between checkpoints (``--checkpoint-every``).
+    """
+
+    tol: float = 1e-6
+    max_iter: int = 1000
+    true_residual_every: int = 50
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 10
+
+    def validate(self) -> None:
+        if not (self.tol > 0 and np.isfinite(self.tol)):
+            raise InputError(f"--tol must be a positive number, got {self.tol}")
+        if self.max_iter < 0:
+            raise InputError(f"--max-iter must be >= 0, got {self.max_iter}")
+        if self.true_residual_every < 0:
+            raise InputError(f"--true-residual-every must be >= 0, got {self.true_residual_every}")
+        if self.checkpoint_every < 1:
+            raise InputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass
+class Solution:
+    """Result of a solve: ``x`` (N, k) float64 and how it ended."""
+
+    x: np.ndarray
+    status: str
+    message: str
+    iterations: int
+    rel_residual: np.ndarray  # (k,) true relative residuals at the end
+    history: list[float] = field(default_factory=list)  # max relative residual (recurrence) per iteration
+    seconds: float = 0.0
+    column_status: list[str] = field(default_factory=list)
+    products: int = 0  # operator products (mm calls), incl. true-residual checks
+    operator_seconds: float = 0.0
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+    @property
+    def max_rel_residual(self) -> float:
+        return float(np.max(self.rel_residual)) if self.rel_residual.size else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"status": self.status, "iterations": self.iterations, "rel_residual": self.max_rel_residual,
+                "seconds": round(self.seconds, 3), "message": self.message, "products": self.products}
+
+
+@dataclass
+class CGState:
+    """Everything the recurrences need to continue; saved to / loaded from a checkpoint."""
+
+    x: np.ndarray
+    r: np.ndarray
+    p: np.ndarray
+    rz: np.ndarray
+    col: np.ndarray  # per-column status code
+    true_rel: np.ndarray  # last verified true relative residual per column (NaN: not yet)
+    iteration: int
+    history: list[float]
+    rhs_digest: str
+
+    def save(self, path: str) -> None:
+        """Write atomically (tmp file + rename): a kill mid-write leaves the previous checkpoint intact."""
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, x=self.x, r=self.r, p=self.p, rz=self.rz, col=self.col, true_rel=self.true_rel,
+                 iteration=np.int64(self.iteration), history=np.asarray(self.history, np.float64),
+                 rhs_digest=np.str_(self.rhs_digest))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CGState":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["x"], z["r"], z["p"], z["rz"], z["col"], z["true_rel"], int(z["iteration"]),
+                           [float(h) for h in z["history"]], str(z["rhs_digest"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable solver checkpoint ({exc}); start without --resume") from exc
+
+
+def rhs_digest(b: np.ndarray, extra: str = "") -> str:
+    """Identity of a problem for checkpoints: sha256 of the right-hand sides and ``extra`` (operator id)."""
+    h = hashlib.sha256(np.ascontiguousarray(b, np.float64).tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def cg(
+    a: LinearOperator,
+    b: np.ndarray,
+    precond: Preconditioner | None = None,
+    options: CGOptions | None = None,
+    *,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    resume_from: str | None = None,
+    problem_id: str = "",
+) -> Solution:
+    """Solve A X = B column by column (shared products) by preconditioned CG.
+
+    ``a`` must be symmetric (PSD for convergence; breakdown is reported otherwise). ``b`` (N,) or (N, k).
+    ``callback(info)`` is called after every iteration with iteration, max_rel_residual, active columns;
+    raising from it stops the solve (the last checkpoint stays). ``resume_from`` continues from a checkpoint
+    written for the same B and ``problem_id``.
+    """
+    options = options or CGOptions()
+    options.validate()
+    if a.shape[0] != a.shape[1] or not a.symmetric:
+        raise InputError(f"CG needs a square symmetric operator, got {a!r}")
+    vector = np.ndim(b) == 1
+    b = np.asarray(b, np.float64).reshape(a.shape[0], -1)
+    if not np.isfinite(b).all():
+        raise InputError("right-hand sides contain NaN/Inf")
+    precond = precond or Preconditioner()
+    digest = rhs_digest(b, problem_id)
+    bnorm = np.linalg.norm(b, axis=0)
+    k = b.shape[1]
+    t0 = time.perf_counter()
+    op_time = [0.0]
+    products = [0]
+
+    def mm(x: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        out = a.mm(x)
+        op_time[0] += time.perf_counter() - t
+        products[0] += 1
+        return out
+
+    if resume_from and os.path.exists(resume_from):
+        st = CGState.load(resume_from)
+        if st.rhs_digest != digest or st.x.shape != b.shape:
+            raise InputError(f"{resume_from} was written for another problem (different Gram, data, reg or "
+                             "preconditioner); delete it or start without --resume")
+        log.info("resuming from %s at iteration %d", resume_from, st.iteration)
+    else:
+        if resume_from:
+            log.warning("no checkpoint at %s yet; starting from zero", resume_from)
+        x = np.zeros_like(b)
+        r = b.copy()
+        col = np.where(bnorm > 0, ACTIVE, CONVERGED).astype(np.int8)
+        true_rel = np.where(bnorm > 0, np.nan, 0.0)
+        z = precond.apply(r)
+        rz = np.einsum("ij,ij->j", r, z)
+        st = CGState(x, r, z, rz, col, true_rel, 0, [], digest)
+        _check_rz(st, np.flatnonzero(col == ACTIVE))
+
+    safe_bnorm = np.where(bnorm > 0, bnorm, 1.0)
+    while st.iteration < options.max_iter:
+        idx = np.flatnonzero(st.col == ACTIVE)
+        if not len(idx):
+            break
+        p = st.p[:, idx]
+        ap = mm(p)
+        pap = np.einsum("ij,ij->j", p, ap)
+        bad_nf = ~np.isfinite(pap) | ~np.isfinite(ap).all(axis=0)
+        bad_bd = ~bad_nf & ~(pap > 0)
+        st.col[idx[bad_nf]] = NON_FINITE
+        st.col[idx[bad_bd]] = BREAKDOWN
+        good = ~(bad_nf | bad_bd)
+        gi = idx[good]
+        alpha = st.rz[gi] / pap[good]
+        st.x[:, gi] += p[:, good] * alpha
+        st.r[:, gi] -= ap[:, good] * alpha
+        st.iteration += 1
+        if options.true_residual_every and st.iteration % options.true_residual_every == 0 and len(gi):
+            st.r[:, gi] = b[:, gi] - mm(st.x[:, gi])
+        rel = np.linalg.norm(st.r[:, gi], axis=0) / safe_bnorm[gi]
+        claim = gi[rel <= options.tol]
+        if len(claim):  # verify on the true residual before freezing
+            true_r = b[:, claim] - mm(st.x[:, claim])
+            st.r[:, claim] = true_r
+            true_rel = np.linalg.norm(true_r, axis=0) / safe_bnorm[claim]
+            st.true_rel[claim] = true_rel
+            st.col[claim[true_rel <= options.tol]] = CONVERGED
+        cont = np.flatnonzero(st.col == ACTIVE)
+        if len(cont):
+            z = precond.apply(st.r[:, cont])
+            rz_new = np.einsum("ij,ij->j", st.r[:, cont], z)
+            restarted = np.isin(cont, claim)  # true residual replaced the recurrence: restart direction
+            beta = np.where(restarted, 0.0, rz_new / np.where(st.rz[cont] != 0, st.rz[cont], 1.0))
+            st.p[:, cont] = z + st.p[:, cont] * beta
+            st.rz[cont] = rz_new
+            _check_rz(st, cont)
+        cur = np.linalg.norm(st.r, axis=0) / safe_bnorm
+        st.history.append(float(np.max(cur[np.isfinite(cur)], initial=0.0)))
+        if options.checkpoint_path and st.iteration % options.checkpoint_every == 0:
+            st.save(options.checkpoint_path)
+        if callback is not None:
+            callback({"iteration": st.iteration, "max_rel_residual": st.history[-1],
+                      "active": int(np.count_nonzero(st.col == ACTIVE)), "columns": k})
+
+    # final true residuals for every column not verified yet
+    todo = np.flatnonzero((st.col != CONVERGED) | np.isnan(st.true_rel))
+    todo = todo[bnorm[todo] > 0]
+    if len(todo):
+        res = b[:, todo] - mm(st.x[:, todo])
+        st.true_rel[todo] = np.linalg.norm(res, axis=0) / safe_bnorm[todo]
+        late = todo[np.isin(st.col[todo], (ACTIVE, BREAKDOWN)) & (st.true_rel[todo] <= options.tol)]
+        st.col[late] = CONVERGED
+    if options.checkpoint_path:
+        st.save(options.checkpoint_path)
+    nonfinite_x = ~np.isfinite(st.x).all(axis=0)
+    st.col[nonfinite_x] = NON_FINITE
+    status, message = _verdict(st, options)
+    x = st.x[:, 0] if vector else st.x
+    sol = Solution(x, status, message, st.iteration, st.true_rel.copy(), list(st.history),
+                   time.perf_counter() - t0, [STATUS_NAMES[int(c)] for c in st.col], products[0], op_time[0])
+    log.info("CG %s after %d iterations, max rel residual %.3g, %.2f s", status, sol.iterations,
+             sol.max_rel_residual, sol.seconds)
+    return sol
+
+
+def _check_rz(st: CGState, cols: np.ndarray) -> None:
+    """r^T P^{-1} r must be positive for an active column: else the preconditioner is not PD (or NaN)."""
+    rz = st.rz[cols]
+    st.col[cols[~np.isfinite(rz)]] = NON_FINITE
+    st.col[cols[np.isfinite(rz) & ~(rz > 0)]] = BREAKDOWN
+
+
+def _verdict(st: CGState, options: CGOptions) -> tuple[str, str]:
+    worst = float(np.nanmax(st.true_rel)) if np.isfinite(st.true_rel).any() else float("nan")
+    if (st.col == CONVERGED).all():
+        return "converged", f"all {len(st.col)} columns reached relative residual <= {options.tol:g}"
+    if (st.col == NON_FINITE).any():
+        cols = np.flatnonzero(st.col == NON_FINITE).tolist()
+        return "non_finite", (
+            f"non-finite values in columns {cols[:10]} by iteration {st.iteration}: the operator produced NaN/Inf. "
+            "Check the Gram store (`kernelscale verify`) and the inputs for NaN/Inf rows; the solution is not usable."
+        )
+    if (st.col == BREAKDOWN).any():
+        cols = np.flatnonzero(st.col == BREAKDOWN).tolist()
+        return "breakdown", (
+            f"CG broke down in columns {cols[:10]} by iteration {st.iteration} (p^T A p <= 0 or r^T P^-1 r <= 0): "
+            f"the operator is indefinite or singular (max relative residual {worst:.3g}). Use --reg > 0 "
+            "(e.g. 1e-6 with --reg-scale trace), check the Gram is a valid kernel, or try --solver cholesky "
+            "to see whether K + reg*I is positive definite."
+        )
+    return "max_iterations", (
+        f"not converged: {st.iteration} iterations reached --max-iter {options.max_iter} with max relative "
+        f"residual {worst:.3g} > --tol {options.tol:g}. Try a stronger preconditioner (--precond nystrom:1000 or "
+        "more), more iterations (--max-iter; add --checkpoint/--resume to continue this run), a larger --reg, "
+        "or --solver cholesky if N fits in memory."
+    )

@@ -1,0 +1,233 @@
+"""Preconditioners for K + reg * I: none, Jacobi, and Nyström of rank r (uniform or RPCholesky landmarks).
+
+A preconditioner maps a residual block R (N, k) to Z = P^{-1} R (N, k), float64. Nyström preconditioners
+read only the landmark columns of K through ``operator.columns`` (tile columns of a Gram store).
+
+Nyström with ``residual="diag"`` (default) preconditions with P = F F^T + diag(d) + reg * I, where
+K ~ F F^T is the rank-r Nyström approximation and d >= 0 the diagonal it misses (the FITC / "Nyström plus
+Jacobi" form), inverted with the Woodbury identity. ``residual="scalar"`` is the randomized Nyström
+preconditioner of Frangella, Tropp & Udell (2023): P = F F^T + reg * I with the complement of span(F)
+scaled by lambda_r + reg. Landmarks come uniformly at random or by block randomized pivoted Cholesky
+(Chen, Epperly, Tropp & Webber 2023), which picks pivots with probability proportional to the diagonal
+of the current residual K - F F^T.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import InputError
+from .operators import LinearOperator
+
+log = logging.getLogger(__name__)
+
+LANDMARKS = ("rpcholesky", "uniform")
+RESIDUALS = ("diag", "scalar")
+
+
+@dataclass(frozen=True)
+class PreconditionerSpec:
+    """What ``--precond none|jacobi|nystrom:RANK`` asks for, with the Nyström options."""
+
+    kind: str = "none"
+    rank: int = 0
+    landmarks: str = "rpcholesky"
+    residual: str = "diag"
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, *, landmarks: str = "rpcholesky", residual: str = "diag", seed: int = 0) -> "PreconditionerSpec":
+        kind, _, arg = text.strip().partition(":")
+        if landmarks not in LANDMARKS:
+            raise InputError(f"--landmarks must be one of {', '.join(LANDMARKS)}, got {landmarks!r}")
+        if residual not in RESIDUALS:
+            raise InputError(f"--nystrom-residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
+        if kind in ("none", "jacobi"):
+            if arg:
+                raise InputError(f"--precond {kind} takes no argument (got {text!r})")
+            return cls(kind, 0, landmarks, residual, seed)
+        if kind == "nystrom":
+            try:
+                rank = int(arg)
+            except ValueError:
+                raise InputError(f"--precond nystrom:RANK needs an integer rank, got {text!r}") from None
+            if rank < 1:
+                raise InputError(f"--precond nystrom:RANK needs RANK >= 1, got {rank}")
+            return cls(kind, rank, landmarks, residual, seed)
+        raise InputError(f"--precond must be none, jacobi or nystrom:RANK, got {text!r}")
+
+    def describe(self) -> str:
+        if self.kind == "nystrom":
+            return f"nystrom:{self.rank} ({self.landmarks} landmarks, {self.residual} residual)"
+        return self.kind
+
+
+class Preconditioner:
+    """Identity (no preconditioning). Subclasses override ``apply``."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self.setup_seconds = 0.0
+        self.info: dict[str, Any] = {}
+
+    def apply(self, r: np.ndarray) -> np.ndarray:
+        """P^{-1} R for R (N, k) -> (N, k) float64."""
+        return np.array(r, np.float64, copy=True)
+
+
+class JacobiPreconditioner(Preconditioner):
+    """P = diag(K + reg * I). Needs a positive diagonal."""
+
+    name = "jacobi"
+
+    def __init__(self, diag: np.ndarray):
+        super().__init__()
+        diag = np.asarray(diag, np.float64)
+        if not (np.isfinite(diag).all() and (diag > 0).all()):
+            raise InputError("Jacobi preconditioning needs a positive, finite diagonal of K + reg*I; "
+                             "use --precond none or a reg > 0")
+        self.inv = 1.0 / diag
+
+    def apply(self, r: np.ndarray) -> np.ndarray:
+        return np.asarray(r, np.float64) * self.inv[:, None]
+
+
+@dataclass
+class NystromFactor:
+    """K ~ F F^T with F (N, r); ``pivots`` the landmark rows; ``residual_diag`` = diag(K - F F^T) >= 0."""
+
+    factor: np.ndarray
+    pivots: np.ndarray
+    residual_diag: np.ndarray
+    columns_read: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _psd_factor(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """G H^{-1/2} on H's numerically positive eigenspace (robust to repeated/dependent pivots)."""
+    h = 0.5 * (h + h.T)
+    w, v = np.linalg.eigh(h)
+    keep = w > max(w.max(initial=0.0), 0.0) * h.shape[0] * np.finfo(np.float64).eps * 10
+    if not keep.any():
+        return np.zeros((g.shape[0], 0))
+    return (g @ v[:, keep]) / np.sqrt(w[keep])
+
+
+def nystrom_uniform(kernel: LinearOperator, rank: int, seed: int = 0) -> NystromFactor:
+    """Nyström from ``rank`` landmarks drawn uniformly without replacement."""
+    n = kernel.shape[0]
+    rank = min(rank, n)
+    rng = np.random.default_rng(seed)
+    pivots = np.sort(rng.choice(n, size=rank, replace=False))
+    c = kernel.columns(pivots)
+    f = _psd_factor(c, c[pivots])
+    d = np.maximum(kernel.diag() - np.einsum("ij,ij->i", f, f), 0.0)
+    return NystromFactor(f, pivots, d, rank)
+
+
+def rpcholesky(kernel: LinearOperator, rank: int, seed: int = 0, block: int | None = None) -> NystromFactor:
+    """Block randomized pivoted Cholesky: ``rank`` pivots sampled ∝ the residual diagonal, ``block`` at a time.
+
+    Reads only the pivot columns (``kernel.columns``), one call per block; a smaller block adapts better,
+    a larger one reads the store fewer times.
+    """
+    n = kernel.shape[0]
+    rank = min(rank, n)
+    block = block or max(1, min(rank, -(-rank // 8)))
+    rng = np.random.default_rng(seed)
+    d = np.maximum(kernel.diag().astype(np.float64), 0.0)
+    trace0 = float(d.sum())
+    pivots: list[int] = []
+    f = np.zeros((n, 0))
+    while len(pivots) < rank:
+        total = float(d.sum())
+        if not total > trace0 * 1e-14:
+            break
+        b = min(block, rank - len(pivots), int(np.count_nonzero(d > 0)))
+        if b <= 0:
+            break
+        s = rng.choice(n, size=b, replace=False, p=d / total)
+        g = kernel.columns(s) - f @ f[s].T
+        new = _psd_factor(g, g[s])
+        if new.shape[1] == 0:
+            break
+        f = np.hstack([f, new]) if f.size else new
+        pivots.extend(int(i) for i in s)
+        d = np.maximum(d - np.einsum("ij,ij->i", new, new), 0.0)
+        d[s] = 0.0
+    return NystromFactor(f, np.asarray(pivots, np.int64), d, len(pivots),
+                         {"residual_trace_fraction": float(d.sum() / trace0) if trace0 > 0 else 0.0})
+
+
+class NystromPreconditioner(Preconditioner):
+    """Nyström preconditioner of K + reg * I (see the module docstring for the two residual models)."""
+
+    name = "nystrom"
+
+    def __init__(self, nys: NystromFactor, reg: float, residual: str = "diag"):
+        super().__init__()
+        if residual not in RESIDUALS:
+            raise InputError(f"Nyström residual must be one of {', '.join(RESIDUALS)}")
+        self.residual = residual
+        f = nys.factor
+        self.rank = f.shape[1]
+        if residual == "diag":
+            dvec = nys.residual_diag + reg
+            if not (dvec > 0).all():
+                # reg == 0 and an exactly captured row: fall back to a tiny positive floor
+                floor = max(float(np.max(dvec, initial=0.0)) * 1e-12, np.finfo(np.float64).tiny)
+                dvec = np.maximum(dvec, floor)
+            self.dinv = 1.0 / dvec
+            self.f = f
+            m = np.eye(self.rank) + (f.T * self.dinv) @ f
+            self.chol = scipy.linalg.cho_factor(m, lower=True)
+        else:
+            if reg <= 0:
+                raise InputError("the scalar-residual Nyström preconditioner needs reg > 0; use --nystrom-residual diag")
+            u, s, _ = np.linalg.svd(f, full_matrices=False) if self.rank else (np.zeros((f.shape[0], 0)), np.zeros(0), None)
+            lam = s**2
+            self.u = u
+            self.reg = reg
+            lam_r = float(lam[-1]) if len(lam) else 0.0
+            # P^{-1} = (lam_r + reg) U (Lam + reg)^{-1} U^T + (I - U U^T) = I + U diag(scale) U^T
+            self.scale = (lam_r + reg) / (lam + reg) - 1.0
+        self.info = {"rank": self.rank, "residual": residual, "pivots": len(nys.pivots)} | nys.info
+
+    def apply(self, r: np.ndarray) -> np.ndarray:
+        r = np.asarray(r, np.float64)
+        if self.residual == "diag":
+            z = r * self.dinv[:, None]
+            if self.rank:
+                z -= (self.f @ scipy.linalg.cho_solve(self.chol, self.f.T @ z)) * self.dinv[:, None]
+            return z
+        if not self.rank:
+            return r.copy()
+        return r + self.u @ (self.scale[:, None] * (self.u.T @ r))
+
+
+def build_preconditioner(spec: PreconditionerSpec, kernel: LinearOperator, reg: float) -> Preconditioner:
+    """The preconditioner of ``kernel + reg * I`` that ``spec`` names (reads the diagonal / landmark columns)."""
+    t0 = time.perf_counter()
+    if spec.kind == "none":
+        pre: Preconditioner = Preconditioner()
+    elif spec.kind == "jacobi":
+        pre = JacobiPreconditioner(kernel.diag() + reg)
+    elif spec.kind == "nystrom":
+        if spec.landmarks == "uniform":
+            nys = nystrom_uniform(kernel, spec.rank, spec.seed)
+        else:
+            nys = rpcholesky(kernel, spec.rank, spec.seed)
+        pre = NystromPreconditioner(nys, reg, spec.residual)
+        pre.info["landmarks"] = spec.landmarks
+    else:
+        raise InputError(f"unknown preconditioner {spec.kind!r}")
+    pre.setup_seconds = time.perf_counter() - t0
+    log.info("preconditioner %s built in %.2f s", spec.describe(), pre.setup_seconds)
+    return pre

@@ -1,0 +1,45 @@
+"""Test helpers: Gram stores written from numpy matrices (no engine needed), small SPD test matrices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from kernelscale.gram_store import GramStore, create_gram, gram_fingerprint
+
+
+def write_gram(path: str, matrix: np.ndarray, *, tile: int, dtype: str = "float64", symmetric: bool | None = None,
+               data_fingerprint: str = "sha256:data", against_fingerprint: str | None = None,
+               spec: dict | None = None) -> GramStore:
+    """A complete Gram store holding ``matrix`` (symmetric stores keep the upper triangle of tiles)."""
+    n, m = matrix.shape
+    if symmetric is None:
+        symmetric = against_fingerprint is None and n == m
+    spec = spec or {"arch": "fc", "params": {"depth": 1}, "kernel": "ntk"}
+    spec_json = json.dumps(spec, sort_keys=True)
+    fp = gram_fingerprint(spec_json, dtype, data_fingerprint, against_fingerprint, {"test": "1"})
+    store = create_gram(path, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric,
+                        attrs={"spec": spec, "fingerprint": fp, "data_fingerprint": data_fingerprint,
+                               "against_fingerprint": against_fingerprint, "versions": {"test": "1"}})
+    for i, j in store.grid:
+        r0, r1, c0, c1 = store.grid.bounds(i, j)
+        store.write_tile(i, j, matrix[r0:r1, c0:c1])
+    return store
+
+
+def pairwise_gram(spec_text: str, x1: np.ndarray, x2: np.ndarray | None = None) -> np.ndarray:
+    """The kernel matrix of a spec (e.g. ``fc:depth=3``) through kernels.pairwise, as float64 numpy."""
+    from kernelscale.kernels import pairwise, parse_arch
+
+    f = pairwise(parse_arch(spec_text))
+    return np.asarray(f(x1, x1 if x2 is None else x2), np.float64)
+
+
+def spd_matrix(n: int, cond: float = 1e3, seed: int = 0) -> np.ndarray:
+    """A symmetric positive definite matrix with eigenvalues log-spaced in [1/cond, 1]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.logspace(0, -np.log10(cond), n)
+    m = (q * lam) @ q.T
+    return 0.5 * (m + m.T)
