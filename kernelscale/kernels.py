@@ -20,6 +20,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from .errors import InputError
 
 KernelFn = Callable[..., Any]
@@ -156,17 +158,110 @@ def _code_spec(module: str, function: str, kernel: str) -> KernelSpec:
     return KernelSpec("code", {"target": f"{module}:{function}", "source_sha256": digest}, kernel)
 
 
-def network(spec: KernelSpec, width: int = 512, out_dim: int = 1) -> tuple[Callable, Callable, KernelFn]:
+# ----------------------------------------------------------------------------------------------------------
+# A faster ReLU layer (same kernel, same neural-tangents stax machinery)
+# ----------------------------------------------------------------------------------------------------------
+#: Bumped whenever kernel numerics change; enters every Gram fingerprint through :func:`versions`.
+KERNEL_IMPL_VERSION = "2"  # 2: ReLU through fast_relu (polynomial arctan2)
+
+
+def _fast_atan2() -> Callable:
+    """``atan2(y, x)`` for float32 from Cephes' atanf polynomial (~1e-7 relative error).
+
+    XLA's CPU ``atan2`` costs ~30 ns per element (measured: 129 ms for 4M elements, vs 1 ms for this), and
+    neural-tangents' ReLU kernel calls it once per kernel entry and layer: it was 2/3 of an fc NTK tile.
+    The derivative is neural-tangents' own (finite where y = x = 0), so gradients through K(x, x) are safe.
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    pi = float(np.pi)
+
+    @jax.custom_jvp
+    def atan2(y: Any, x: Any) -> Any:
+        ay, ax = jnp.abs(y), jnp.abs(x)
+        hi, lo = jnp.maximum(ax, ay), jnp.minimum(ax, ay)
+        a = lo / jnp.where(hi == 0, 1.0, hi)  # in [0, 1]
+        big = a > 0.41421356  # tan(pi/8): reduce with atan(a) = pi/4 + atan((a-1)/(a+1))
+        t = jnp.where(big, (a - 1) / (a + 1), a)
+        z = t * t
+        r = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * t + t
+        r = jnp.where(big, r + pi / 4, r)
+        r = jnp.where(ay > ax, pi / 2 - r, r)
+        r = jnp.where(x < 0, pi - r, r)
+        r = jnp.where(y < 0, -r, r)
+        return jnp.where((x == 0) & (y == 0), pi / 2, r)
+
+    @atan2.defjvp
+    def _atan2_jvp(primals: Any, tangents: Any) -> Any:
+        y, x = primals
+        y_dot, x_dot = tangents
+        denom = jnp.maximum(x**2 + y**2, 1e-30)
+        return atan2(y, x), y_dot * (x / denom) - x_dot * (y / denom)
+
+    return atan2
+
+
+def _safe_sqrt() -> Callable:
+    """``sqrt(max(x, 0))`` with a zero derivative at 0 (as neural-tangents' ``_sqrt``)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    @jax.custom_jvp
+    def sqrt(x: Any) -> Any:
+        return jnp.sqrt(jnp.maximum(x, 0.0))
+
+    @sqrt.defjvp
+    def _sqrt_jvp(primals: Any, tangents: Any) -> Any:
+        (x,), (x_dot,) = primals, tangents
+        root = jnp.sqrt(jnp.maximum(x, 1e-30))
+        return sqrt(x), jnp.where(x > 1e-30, x_dot / (2 * root), 0.0)
+
+    return sqrt
+
+
+def fast_relu() -> tuple[Callable, Callable, KernelFn]:
+    """ReLU as a neural-tangents ``stax.Elementwise`` layer with its closed-form arc-cosine kernel.
+
+    nngp(c12, v1, v2) = (s + (pi - theta) c12) / (2 pi), with s = sqrt(v1 v2 - c12^2), theta = atan2(s, c12);
+    d_nngp = (pi - theta) / (2 pi). Identical to ``stax.Relu`` up to float32 rounding (tested), 1.5x faster
+    on fc NTK tiles and 2x on convolutional ones (measured on this machine).
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    stax = _neural_tangents().stax
+    atan2, sqrt = _fast_atan2(), _safe_sqrt()
+    two_pi = 2 * float(np.pi)
+
+    def relu_nngp(cov12: Any, var1: Any, var2: Any) -> Any:
+        s = sqrt(var1 * var2 - cov12**2)
+        return (s + (np.pi - atan2(s, cov12)) * cov12) / two_pi
+
+    def relu_d_nngp(cov12: Any, var1: Any, var2: Any) -> Any:
+        s = sqrt(var1 * var2 - cov12**2)
+        return (np.pi - atan2(s, cov12)) / two_pi
+
+    def relu(x: Any) -> Any:
+        return jnp.maximum(x, 0)
+
+    return stax.Elementwise(relu, relu_nngp, relu_d_nngp)
+
+
+def network(spec: KernelSpec, width: int = 512, out_dim: int = 1, *, fast: bool = True
+            ) -> tuple[Callable, Callable, KernelFn]:
     """The ``stax`` triple ``(init_fn, apply_fn, kernel_fn)`` of a spec.
 
     ``width`` sets the finite hidden widths (channels for convolutions) and ``out_dim`` the readout size; the
-    analytic ``kernel_fn`` depends on neither (NTK parameterisation).
+    analytic ``kernel_fn`` depends on neither (NTK parameterisation). ``fast=False`` builds ReLUs from
+    neural-tangents' own ``stax.Relu`` (the reference the benchmarks compare against) instead of
+    :func:`fast_relu`.
     """
     nt = _neural_tangents()
     stax = nt.stax
+    relu = fast_relu if fast else stax.Relu
     p = spec.params
     if spec.arch == "fc":
-        act = {"relu": stax.Relu, "erf": stax.Erf, "gelu": stax.Gelu}[p["activation"]]
+        act = {"relu": relu, "erf": stax.Erf, "gelu": stax.Gelu}[p["activation"]]
         layers = [stax.Flatten()]
         for _ in range(p["depth"]):
             layers += [stax.Dense(width, W_std=p["W_std"], b_std=p["b_std"]), act()]
@@ -177,7 +272,7 @@ def network(spec: KernelSpec, width: int = 512, out_dim: int = 1) -> tuple[Calla
         for _ in range(p["depth"]):
             layers += [
                 stax.Conv(width, (3, 3), padding="SAME", W_std=p["W_std"], b_std=p["b_std"]),
-                stax.Relu(),
+                relu(),
                 stax.AvgPool((2, 2), strides=(2, 2)),
             ]
         layers += [stax.Flatten(), stax.Dense(out_dim, W_std=p["W_std"], b_std=p["b_std"])]
@@ -189,9 +284,9 @@ def network(spec: KernelSpec, width: int = 512, out_dim: int = 1) -> tuple[Calla
         def conv() -> Any:
             return stax.Conv(width, (3, 3), padding="SAME", W_std=p["W_std"], b_std=p["b_std"])
 
-        layers = [conv(), stax.Relu()] * a + [stax.AvgPool((2, 2), strides=(2, 2))]
-        layers += [conv(), stax.Relu()] * b + [stax.AvgPool((2, 2), strides=(2, 2))]
-        layers += [conv(), stax.Relu()] * c + [stax.AvgPool((2, 2), strides=(2, 2))] * 3
+        layers = [conv(), relu()] * a + [stax.AvgPool((2, 2), strides=(2, 2))]
+        layers += [conv(), relu()] * b + [stax.AvgPool((2, 2), strides=(2, 2))]
+        layers += [conv(), relu()] * c + [stax.AvgPool((2, 2), strides=(2, 2))] * 3
         layers += [stax.Flatten(), stax.Dense(out_dim, W_std=p["W_std"], b_std=p["b_std"])]
         return stax.serial(*layers)
     if spec.arch == "code":
@@ -203,9 +298,9 @@ def network(spec: KernelSpec, width: int = 512, out_dim: int = 1) -> tuple[Calla
     raise InputError(f"unknown architecture {spec.arch!r}")
 
 
-def kernel_fn(spec: KernelSpec) -> KernelFn:
-    """The analytic ``kernel_fn(x1, x2, get)`` of a spec."""
-    return network(spec)[2]
+def kernel_fn(spec: KernelSpec, *, fast: bool = True) -> KernelFn:
+    """The analytic ``kernel_fn(x1, x2, get)`` of a spec (``fast=False``: with neural-tangents' stax.Relu)."""
+    return network(spec, fast=fast)[2]
 
 
 def pairwise(spec_or_fn: KernelSpec | KernelFn, get: str | None = None) -> Callable[[Any, Any], Any]:
@@ -257,4 +352,5 @@ def versions() -> dict[str, str]:
     import jax  # noqa: PLC0415
 
     nt = _neural_tangents()
-    return {"neural_tangents": getattr(nt, "__version__", "0.6.5"), "jax": jax.__version__}
+    return {"neural_tangents": getattr(nt, "__version__", "0.6.5"), "jax": jax.__version__,
+            "kernel_impl": KERNEL_IMPL_VERSION}

@@ -71,3 +71,51 @@ def test_conv_memory_estimate_grows_with_spatial_size():
     spec = kernels.parse_arch("convnet")
     assert kernels.bytes_per_pair(spec, (32, 32, 3)) > 1000 * kernels.bytes_per_pair(spec, (4, 4, 3))
     assert kernels.spatial_pairs(kernels.parse_arch("fc"), (32, 32, 3)) == 1
+
+
+def _reference_network(spec):
+    """The same architecture built from neural-tangents' own stax.Relu (the reference for fast_relu)."""
+    stax = kernels._neural_tangents().stax
+    p = spec.params
+    if spec.arch == "fc":
+        layers = [stax.Flatten()]
+        for _ in range(p["depth"]):
+            layers += [stax.Dense(512, W_std=p["W_std"], b_std=p["b_std"]), stax.Relu()]
+        return stax.serial(*layers, stax.Dense(1, W_std=p["W_std"], b_std=p["b_std"]))[2]
+    layers = []
+    for _ in range(p["depth"]):
+        layers += [stax.Conv(8, (3, 3), padding="SAME", W_std=p["W_std"], b_std=p["b_std"]), stax.Relu(),
+                   stax.AvgPool((2, 2), strides=(2, 2))]
+    return stax.serial(*layers, stax.Flatten(), stax.Dense(1, W_std=p["W_std"], b_std=p["b_std"]))[2]
+
+
+@pytest.mark.parametrize("arch, shape", [("fc:depth=3", (6, 6, 3)), ("convnet:depth=2", (8, 8, 2))])
+@pytest.mark.parametrize("get", ["ntk", "nngp"])
+def test_fast_relu_matches_neural_tangents_relu(arch, shape, get):
+    import jax
+
+    spec = kernels.parse_arch(arch, get)
+    rng = np.random.default_rng(1)
+    x1 = rng.normal(size=(12, *shape)).astype(np.float32)
+    x2 = np.concatenate([x1[:3], rng.normal(size=(5, *shape)).astype(np.float32)])  # shared rows: c = 1 exactly
+    ref, fast = _reference_network(spec), kernels.kernel_fn(spec)
+    a, b = np.asarray(ref(x1, x2, get)), np.asarray(fast(x1, x2, get))
+    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5 * np.abs(a).max())
+    # gradients through K_ss (as KIP takes them), including the diagonal where theta = 0
+    def loss(fn, x):
+        k = fn(x, x, get)
+        return jax.numpy.sum(jax.numpy.linalg.solve(k + 0.1 * jax.numpy.eye(len(x)), jax.numpy.ones(len(x))))
+    ga = np.asarray(jax.grad(lambda x: loss(ref, x))(x1[:6]))
+    gb = np.asarray(jax.grad(lambda x: loss(fast, x))(x1[:6]))
+    assert np.isfinite(gb).all()
+    np.testing.assert_allclose(gb, ga, rtol=1e-3, atol=1e-3 * np.abs(ga).max())
+
+
+def test_fast_atan2_accuracy():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    y, x = rng.normal(size=100000).astype(np.float32), rng.normal(size=100000).astype(np.float32)
+    x[:10] = 0
+    got = np.asarray(kernels._fast_atan2()(jnp.asarray(y), jnp.asarray(x)))
+    np.testing.assert_allclose(got, np.arctan2(y, x), atol=4e-7)

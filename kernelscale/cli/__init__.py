@@ -22,6 +22,15 @@ log = logging.getLogger("kernelscale")
 SUBCOMMANDS: dict[str, str] = {
     "ingest": "ingest",
     "demo": "demo",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "validate-width": "validate_width",
+    "gram": "gram",
+    "status": "status",
+    "verify": "verify",
+    "solve": "solve",
+    "eval": "eval",
+    "curve": "curve",
 }
 
 

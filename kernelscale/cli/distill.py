@@ -1,0 +1,48 @@
+"""Distil DATA into a small support set with KIP (Kernel Inducing Points), resumable and shardable.
+
+Learns K images per class (and optionally their labels) such that kernel ridge regression on them predicts
+DATA: loss = 1/2 ||y_t - K_ts (K_ss + reg*trace(K_ss)/n_s I)^-1 y_s||^2 averaged over class-balanced target
+batches, optimised with Adam through the analytic NTK/NNGP kernel. Writes DISTILLED.zarr, an image grid
+(<out>_images.png) and loss/accuracy curves (<out>_curves.png). Defaults (4,000 steps, target batch 2,000,
+lr 0.01) take about 2.5 minutes at 10 images per class with fc depth-3 NTK on CIFAR-10 on 2 cores.
+A non-finite loss stops the run with exit code 3 and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..kip_run import distill
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA.zarr", help="dataset store (from `kernelscale ingest`)")
+    p.add_argument("--arch", default="fc", metavar="SPEC", help="architecture, e.g. fc:depth=3 (default fc)")
+    p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
+    p.add_argument("--ipc", type=int, default=10, metavar="K", help="support images per class (default 10)")
+    p.add_argument("--steps", type=int, default=4000, metavar="S", help="total KIP steps (default 4000)")
+    p.add_argument("--target-batch", type=int, default=2000, metavar="B", help="target rows per step (default 2000)")
+    p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="Adam learning rate (default 0.01)")
+    p.add_argument("--learn-labels", action="store_true", help="also learn the support labels")
+    p.add_argument("--reg", type=float, default=1e-6, metavar="R", help="ridge, times trace(K_ss)/n_s (default 1e-6)")
+    p.add_argument("--workers", type=int, default=1, metavar="W", help="Ray actors sharing each target batch")
+    p.add_argument("--seed", type=int, default=0, metavar="SEED")
+    p.add_argument("--init", default="random", choices=["random", "gram"],
+                   help="random: class-balanced real rows; gram: randomized pivoted Cholesky over --gram")
+    p.add_argument("--gram", metavar="GRAM.zarr", help="stored Gram of DATA (for --init gram and the label-solve floor)")
+    p.add_argument("--val", metavar="VAL.zarr", help="validation store for accuracy every --eval-every steps")
+    p.add_argument("--eval-every", type=int, default=500, metavar="E")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="C")
+    p.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    p.add_argument("--out", required=True, metavar="DISTILLED.zarr")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return distill(
+        args.data, out=args.out, arch=args.arch, kernel=args.kernel, ipc=args.ipc, steps=args.steps,
+        target_batch=args.target_batch, lr=args.lr, learn_labels=args.learn_labels, reg=args.reg,
+        workers=args.workers, seed=args.seed, init=args.init, gram=args.gram, val=args.val,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress,
+    )
