@@ -48,3 +48,16 @@ def test_validate_width_cli(mnist_small, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["widths"] == [16, 256] and len(out["errors"]) == 2 and png.stat().st_size > 1000
     assert main(["validate-width", "--data", mnist_small["train"], "--widths", "a,b"]) == 2
+
+
+def test_train_finite_cli_on_a_distilled_support(mnist_small, tmp_path, capsys):
+    from kernelscale.kip_run import distill
+
+    out = str(tmp_path / "d.zarr")
+    distill(mnist_small["train"], out=out, arch="fc:depth=2", ipc=3, steps=3, target_batch=60, progress=False)
+    code = main(["train-finite", out, "--test", mnist_small["val"], "--width", "128", "--epochs", "50", "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n_support"] == 30 and 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["kernel_accuracy"] <= 1.0
+    assert res["train_accuracy"] > 0.9  # the network fits its 30 support rows
+    assert abs(res["gap"] - (res["kernel_accuracy"] - res["accuracy"])) < 1e-9

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "distill": "distill",
     "evaluate": "evaluate",
     "validate-width": "validate_width",
+    "train-finite": "train_finite",
     "gram": "gram",
     "status": "status",
     "verify": "verify",
