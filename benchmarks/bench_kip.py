@@ -3,7 +3,7 @@
 Run under the benchmark lock (timings are only comparable when nothing else is timed at once):
 
     flock /tmp/kernelscale-bench.lock .venv/bin/python benchmarks/bench_kip.py --work /tmp/kip_bench \
-        [--parts overhead,accuracy,workers] [--ipcs 10,1,50]
+        [--parts overhead,accuracy,workers,gram,convnet,tiled] [--ipcs 10,1,50]
 
 Data: CIFAR-10 from ../shared/data/cifar10/train, ingested once with --val-fraction 0.1 and
 --preprocess standardize (see docs/benchmarks.md for why not ZCA); accuracies are on the held-out split.
@@ -98,28 +98,99 @@ def plain_loop_vs_ours(train: str, steps: int, batch: int = 2000, ipc: int = 10)
             "ratio_ours_over_plain": round(ours / plain, 4)}
 
 
-def accuracy(train: str, val: str, work: Path, ipc: int) -> dict:
-    """``kernelscale distill`` with its DEFAULT steps/lr/target batch, labels learned, reg 1e-6; val accuracy."""
-    from kernelscale.cli import main
-    from kernelscale.storage import remove
-
-    out = work / f"bench_ipc{ipc}.zarr"
-    remove(str(out))
-    argv = ["distill", train, "--arch", "fc:depth=3", "--kernel", "ntk", "--ipc", str(ipc), "--learn-labels",
-            "--reg", "1e-6", "--val", val, "--out", str(out), "--json", "--no-progress"]
-    t0 = time.perf_counter()
+def _cli(argv: list[str]) -> tuple[int, dict, float]:
+    """Run ``kernelscale ARGV --json --no-progress`` in-process: (exit code, summary, wall seconds)."""
     import contextlib
     import io
 
+    from kernelscale.cli import main
+
     buf = io.StringIO()
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        code = main(argv)
-    wall = time.perf_counter() - t0
-    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+        code = main(argv + ["--json", "--no-progress"])
+    return code, json.loads(buf.getvalue().strip().splitlines()[-1]), time.perf_counter() - t0
+
+
+def accuracy(train: str, val: str, work: Path, ipc: int, extra: list[str] | None = None, tag: str = "") -> dict:
+    """``kernelscale distill`` with its DEFAULT steps/lr/target batch, labels learned, reg 1e-6; val accuracy."""
+    from kernelscale.storage import remove
+
+    out = work / f"bench_ipc{ipc}{tag}.zarr"
+    remove(str(out))
+    argv = ["distill", train, "--arch", "fc:depth=3", "--kernel", "ntk", "--ipc", str(ipc), "--learn-labels",
+            "--reg", "1e-6", "--val", val, "--out", str(out), *(extra or [])]
+    code, summary, wall = _cli(argv)
+    keep = ("val_accuracy", "val_accuracy_init", "history", "seconds_per_step", "steps", "lr", "label_lr", "schedule",
+            "target_batch", "label_solve_floor", "full_krr_ceiling")
     return {"part": "accuracy", "ipc": ipc, "exit_code": code, "command": "kernelscale " + " ".join(argv),
-            "wall_seconds": round(wall, 1), "val_accuracy": summary.get("val_accuracy"),
-            "val_accuracy_init": summary.get("val_accuracy_init"), "history": summary.get("history"),
-            "seconds_per_step": summary.get("seconds_per_step"), "steps": summary.get("steps")}
+            "wall_seconds": round(wall, 1), **{k: summary.get(k) for k in keep}}
+
+
+def gram_floor_ceiling(work: Path, val: str, rows: int = 5000) -> dict:
+    """``--init gram`` with the label-solve floor and the full-KRR ceiling, on a class-balanced subset of the
+    TRAIN split (the full 45,000-row Gram is 8 GB): the subset's pixels are written to an .npz and ingested
+    with ``--stats-from TRAIN`` (same inputs, compatible with VAL), ``kernelscale gram`` computes its Gram, and
+    ``kernelscale distill --init gram --gram`` runs with the defaults (and ``--init random`` for comparison)."""
+    from kernelscale.data import balanced_subset, open_dataset
+    from kernelscale.storage import remove
+
+    train = str(work / "cifar_std_train.zarr")
+    src = open_dataset(train)
+    npz, sub, gram = work / f"sub{rows}.npz", str(work / f"cifar_sub{rows}.zarr"), str(work / f"cifar_sub{rows}_gram.zarr")
+    idx = np.sort(balanced_subset(src.labels, rows, 0))
+    pixels = np.round(np.clip(src.affine.invert(src.take(idx)), 0, 1) * 255).astype(np.uint8)
+    np.savez(npz, images=pixels, labels=src.labels[idx], class_names=np.array(src.class_names))
+    remove(sub)
+    out: dict = {"part": "gram", "rows": rows}
+    code, s, _ = _cli(["ingest", str(npz), sub, "--stats-from", train])
+    assert code == 0, s
+    out["max_abs_input_difference_vs_train"] = float(np.abs(open_dataset(sub).rows(0, 200) - src.take(idx[:200])).max())
+    gram_argv = ["gram", sub, "--arch", "fc:depth=3", "--kernel", "ntk", "--out", gram, "--overwrite"]
+    code, s, wall = _cli(gram_argv)
+    out.update({"gram_command": "kernelscale " + " ".join(gram_argv), "gram_exit_code": code,
+                "gram_wall_seconds": round(wall, 1)})
+    for init in ("gram", "random"):
+        extra = ["--gram", gram] + (["--init", "gram"] if init == "gram" else [])
+        out[f"init_{init}"] = accuracy(sub, val, work, 10, extra, tag=f"_sub_{init}")
+    return out
+
+
+def convnet(work: Path, size: int, steps: int, batch: int, ipc: int = 10) -> dict:
+    """The convnet NTK (3 conv+ReLU+pool blocks) on CIFAR resized to ``size`` x ``size``: a short KIP run."""
+    from kernelscale.storage import remove
+
+    train, val = work / f"cifar{size}_train.zarr", work / f"cifar{size}_val.zarr"
+    if not train.exists() or not val.exists():
+        code, s, _ = _cli(["ingest", str(CIFAR), str(train), "--resize", f"{size}x{size}", "--val-fraction", "0.1",
+                           "--val-out", str(val), "--preprocess", "standardize", "--overwrite"])
+        assert code == 0, s
+    out_path = work / f"bench_convnet{size}.zarr"
+    remove(str(out_path))
+    argv = ["distill", str(train), "--arch", "convnet", "--kernel", "ntk", "--ipc", str(ipc), "--learn-labels",
+            "--steps", str(steps), "--target-batch", str(batch), "--val", str(val), "--eval-every", str(steps),
+            "--out", str(out_path)]
+    code, s, wall = _cli(argv)
+    return {"part": "convnet", "size": size, "exit_code": code, "command": "kernelscale " + " ".join(argv),
+            "wall_seconds": round(wall, 1), **{k: s.get(k) for k in ("val_accuracy", "val_accuracy_init",
+                                                                      "seconds_per_step", "first_step_seconds")}}
+
+
+def tiled(train: str, work: Path, steps: int = 10, tile: int = 50) -> dict:
+    """``--kss-tile`` from the CLI (ipc 10, K_ss in 50 x 50 tiles) against the fused step: same result, step time."""
+    from kernelscale.distilled_store import open_distilled
+    from kernelscale.storage import remove
+
+    res = {}
+    for name, extra in (("fused", []), ("tiled", ["--kss-tile", str(tile)])):
+        path = str(work / f"bench_{name}.zarr")
+        remove(path)
+        code, s, _ = _cli(["distill", train, "--arch", "fc:depth=3", "--ipc", "10", "--learn-labels", "--steps",
+                           str(steps), "--out", path, *extra])
+        res[name] = (s.get("seconds_per_step"), open_distilled(path).support()[0])
+    return {"part": "tiled", "tile": tile, "steps": steps, "fused_seconds_per_step": res["fused"][0],
+            "tiled_seconds_per_step": res["tiled"][0],
+            "max_abs_support_difference": float(np.abs(res["fused"][1] - res["tiled"][1]).max())}
 
 
 def workers(train: str, steps: int, batch: int = 8000) -> dict:
@@ -151,6 +222,10 @@ def main() -> int:
     p.add_argument("--ipcs", default="10")
     p.add_argument("--overhead-steps", type=int, default=200)
     p.add_argument("--worker-steps", type=int, default=30)
+    p.add_argument("--gram-rows", type=int, default=5000)
+    p.add_argument("--conv-size", type=int, default=8)
+    p.add_argument("--conv-steps", type=int, default=100)
+    p.add_argument("--conv-batch", type=int, default=500)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -164,6 +239,12 @@ def main() -> int:
             print(json.dumps(accuracy(train, val, work, ipc)), flush=True)
     if "workers" in parts:
         print(json.dumps(workers(train, args.worker_steps)), flush=True)
+    if "gram" in parts:
+        print(json.dumps(gram_floor_ceiling(work, val, args.gram_rows)), flush=True)
+    if "convnet" in parts:
+        print(json.dumps(convnet(work, args.conv_size, args.conv_steps, args.conv_batch)), flush=True)
+    if "tiled" in parts:
+        print(json.dumps(tiled(train, work)), flush=True)
     return 0
 
 

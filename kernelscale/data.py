@@ -242,6 +242,9 @@ def npz_source(path: str) -> ArraySource:
     labels = _check_labels(data["labels"], len(images), f"{path}: labels")
     n_classes = int(labels.max()) + 1
     names = [str(c) for c in data["class_names"]] if "class_names" in data.files else [str(i) for i in range(n_classes)]
+    if n_classes > len(names):
+        raise InputError(f"{path}: labels out of range: the largest label is {n_classes - 1} but class_names has "
+                         f"{len(names)} entries (labels must be in 0..{len(names) - 1})")
     return ArraySource(os.path.abspath(path), images, labels, names)
 
 
@@ -447,9 +450,36 @@ class DatasetStore:
 
     @property
     def labels(self) -> np.ndarray:
+        """Class indices (N,), checked to lie in [0, num_classes) (a tampered store raises StoreError)."""
         if self._labels is None:
-            self._labels = np.asarray(self.group["labels"][...], np.int64)
+            labels = np.asarray(self.group["labels"][...], np.int64)
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bad.any():
+                raise StoreError(
+                    f"{self.path}: labels out of range: row {int(np.argmax(bad))} has label "
+                    f"{int(labels[np.argmax(bad)])} but the store has {self.num_classes} classes "
+                    f"(0..{self.num_classes - 1}); ingest the data again"
+                )
+            self._labels = labels
         return self._labels
+
+    def check_rows(self, block: int = 4096) -> None:
+        """Read every row once: raise StoreError naming the first row with NaN/Inf or a corrupt chunk.
+
+        Used before expensive work on the rows (a Gram), so bad data is refused before any compute.
+        """
+        step = max(int(self.x.chunks[0]), (block // int(self.x.chunks[0])) * int(self.x.chunks[0]))
+        for start in range(0, self.n, step):
+            try:
+                x = self.rows(start, min(self.n, start + step))
+            except ValueError as exc:
+                raise StoreError(f"{self.path}: rows {start}..{min(self.n, start + step) - 1} are corrupt "
+                                 f"({exc}); ingest the data again") from exc
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            if bad.any():
+                raise StoreError(f"{self.path}: rows have NaN/Inf values ({int(bad.sum())} rows from row {start} "
+                                 f"on, first: row {start + int(np.argmax(bad))}); the store was altered after "
+                                 "ingest: ingest the data again")
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Model inputs of rows [start, stop) as float32 (stop - start, H, W, C)."""

@@ -91,6 +91,7 @@ def _open_data(data: str | DatasetStore, what: str) -> DatasetStore:
     store = data if isinstance(data, DatasetStore) else open_dataset(str(data))
     if store.n == 0:
         raise InputError(f"{what} {store.path} has no rows")
+    store.check_rows()  # NaN/Inf or corrupt rows are refused before any compute
     return store
 
 
@@ -214,6 +215,23 @@ class GramWorker:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _disk_full_is_clear(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Turn a full disk met by the driver itself (lock, metadata, run record) into the one-line error."""
+    import functools  # noqa: PLC0415
+
+    @functools.wraps(fn)
+    def wrapper(data: Any, spec_or_kernel_fn: Any, out: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return fn(data, spec_or_kernel_fn, out, *args, **kwargs)
+        except OSError as exc:
+            if storage.is_disk_full(exc):
+                raise storage.disk_full_error(out, "computing the Gram") from exc
+            raise
+
+    return wrapper
+
+
+@_disk_full_is_clear
 def compute_gram(
     data: str | DatasetStore,
     spec_or_kernel_fn: Any,
@@ -263,6 +281,8 @@ def compute_gram(
         raise InputError(f"--workers must be >= 1, got {workers}")
     if max_tiles is not None and max_tiles < 0:
         raise InputError(f"--max-tiles must be >= 0, got {max_tiles}")
+    if not (gpus_per_worker >= 0 and np.isfinite(gpus_per_worker)):
+        raise InputError(f"--gpus-per-worker must be >= 0 (0.5 packs two actors per GPU), got {gpus_per_worker}")
     grid = TileGrid(n, m, tile, symmetric)
     selection = None
     if tiles is not None:
@@ -374,7 +394,15 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
 
     from . import runtime  # noqa: PLC0415
 
-    runtime.ensure_ray(address)
+    ray_info = runtime.ensure_ray(address)
+    gpus_now = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_worker > 0 and gpus_now < gpus_per_worker:
+        # a cluster on loopback (the local one, or nodes started by hand on this machine) has no autoscaler:
+        # no actor could ever start
+        if ray_info.get("started_local") or str(ray_info.get("address", "")).startswith(("127.0.0.1", "localhost")):
+            raise InputError(f"--gpus-per-worker {gpus_per_worker}: this machine has {gpus_now:g} GPUs visible to "
+                             "Ray; use --gpus-per-worker 0 (CPU) or run on a cluster with GPU nodes")
+        log.warning("the Ray cluster has %g GPUs now; the actors wait until the autoscaler adds GPU nodes", gpus_now)
     t0 = time.perf_counter()
     n_workers = min(workers or runtime.cluster_slots(gpus_per_worker), plan.total)
     remote_cls = ray.remote(GramWorker)
@@ -425,6 +453,11 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                     result["tile_seconds"][part] += status[f"{part}_s"]
                 bar.update(1)
                 submit(k)
+                if not any(slot == k for slot, _ in inflight.values()):
+                    # Nothing left for this actor: free its CPU/GPU now. An actor Ray restarts after losing its
+                    # node needs a free slot; on a fully packed cluster its retried tiles would otherwise wait
+                    # forever for actors that sit idle until the run ends.
+                    ray.kill(actors[k], no_restart=True)
     finally:
         bar.close()
         for ref in list(inflight):

@@ -154,7 +154,12 @@ class GramStore:
             raise ValueError(f"tile ({i}, {j}) must have shape {(r1 - r0, c1 - c0)}, got {values.shape}")
         if not np.isfinite(values).all():
             raise StoreError(f"tile ({i}, {j}) has non-finite kernel values; check the inputs for NaN/Inf rows")
-        self.array[r0:r1, c0:c1] = values
+        try:
+            self.array[r0:r1, c0:c1] = values
+        except OSError as exc:
+            if storage.is_disk_full(exc):
+                raise storage.disk_full_error(self.path, f"writing tile ({i}, {j})") from exc
+            raise
 
     # -- dense reads --------------------------------------------------------------------------------------
     def block(self, rows: slice | tuple[int, int], cols: slice | tuple[int, int]) -> np.ndarray:

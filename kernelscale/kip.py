@@ -12,7 +12,7 @@ gradient flows through the analytic neural-tangents kernel.
 
 Usage (optax style)::
 
-    kip = make_kip(kernel, lr=0.01, reg=1e-6, learn_labels=True)
+    kip = make_kip(kernel, lr=0.01, reg=1e-6, learn_labels=True, label_lr=0.01, schedule="cosine", total_steps=4000)
     state = kip.init(support_x, support_y, seed=0)
     state, metrics = kip.update(state, (target_x, target_y))
 
@@ -55,6 +55,32 @@ class KipState(NamedTuple):
     step: jax.Array
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate(base: float, schedule: str, total_steps: int | None) -> optax.Schedule | float:
+    """Adam step size as a function of the step: ``constant``, or ``cosine``/``linear`` decay from ``base`` to 0
+    over ``total_steps`` (held at 0 afterwards). The schedule reads the optimiser's own step count, so a
+    checkpointed optimiser state resumes on the same curve."""
+    if schedule == "constant":
+        return base
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not total_steps or total_steps < 1:
+        raise ValueError(f"the {schedule} schedule needs total_steps >= 1, got {total_steps}")
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(base, total_steps, alpha=0.0)
+    return optax.linear_schedule(base, 0.0, total_steps)
+
+
+def make_optimizer(lr: float, label_lr: float, schedule: str, total_steps: int | None) -> optax.GradientTransformation:
+    """Adam over ``{"x": support, "y": labels}`` with its own step size for each (same schedule shape)."""
+    return optax.multi_transform(
+        {"x": optax.adam(learning_rate(lr, schedule, total_steps)),
+         "y": optax.adam(learning_rate(label_lr, schedule, total_steps))},
+        {"x": "x", "y": "y"})
+
+
 def regulariser(k_ss: jax.Array, reg: float) -> jax.Array:
     """``reg * trace(K_ss) / n_s``: the ridge added to K_ss (neural-tangents' scaling)."""
     return reg * jnp.trace(k_ss) / k_ss.shape[0]
@@ -81,19 +107,22 @@ def sum_loss(kernel: PairKernel, x_s: jax.Array, y_s: jax.Array, x_t: jax.Array,
 class Kip:
     """A KIP optimiser bound to a kernel and hyperparameters; ``init``/``update`` are pure functions.
 
-    kernel: differentiable f(x1, x2) -> (n1, n2); lr: Adam learning rate (x and y); reg: ridge (times
+    kernel: differentiable f(x1, x2) -> (n1, n2); lr: Adam learning rate of the support x; label_lr: that of
+    the labels y (default ``lr``); schedule/total_steps: see :func:`learning_rate`; reg: ridge (times
     trace(K_ss)/n_s); learn_labels: whether y_s is optimised; target_transform: optional batch hook (see
     :data:`TargetTransform`), applied inside :meth:`update` and :meth:`shard_loss_and_grads`.
     """
 
     def __init__(self, kernel: PairKernel, *, lr: float, reg: float, learn_labels: bool,
+                 label_lr: float | None = None, schedule: str = "constant", total_steps: int | None = None,
                  target_transform: TargetTransform | None = None):
         self.kernel = kernel
         self.lr = float(lr)
+        self.label_lr = float(lr if label_lr is None else label_lr)
         self.reg = float(reg)
         self.learn_labels = bool(learn_labels)
         self.target_transform = target_transform
-        self.optimizer = optax.adam(self.lr)
+        self.optimizer = make_optimizer(self.lr, self.label_lr, schedule, total_steps)
         self._grad = jax.value_and_grad(self._sum_loss, argnums=(0, 1), has_aux=True)
         self.update = jax.jit(self._update)
         self.shard_loss_and_grads = jax.jit(self._shard_loss_and_grads)
@@ -150,9 +179,11 @@ class Kip:
 
 
 def make_kip(kernel: PairKernel, *, lr: float = 0.01, reg: float = 1e-6, learn_labels: bool = True,
+             label_lr: float | None = None, schedule: str = "constant", total_steps: int | None = None,
              target_transform: TargetTransform | None = None) -> Kip:
     """A :class:`Kip` (see the module docstring)."""
-    return Kip(kernel, lr=lr, reg=reg, learn_labels=learn_labels, target_transform=target_transform)
+    return Kip(kernel, lr=lr, reg=reg, learn_labels=learn_labels, label_lr=label_lr, schedule=schedule,
+               total_steps=total_steps, target_transform=target_transform)
 
 
 # ----------------------------------------------------------------------------------------------------------

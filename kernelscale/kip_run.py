@@ -29,7 +29,8 @@ from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_
 log = logging.getLogger(__name__)
 
 #: Settings that must match for --resume to continue a run (steps may grow).
-RESUME_KEYS = ("spec", "reg", "lr", "learn_labels", "ipc", "target_batch", "seed", "init", "dataset_fingerprint")
+RESUME_KEYS = ("spec", "reg", "lr", "label_lr", "schedule", "learn_labels", "ipc", "target_batch", "seed", "init",
+               "dataset_fingerprint", "adversarial")
 CEILING_MAX_ROWS = 6000  # full-data kernel regression from the stored Gram only up to this many DATA rows
 
 
@@ -109,7 +110,11 @@ def _check_args(args: dict[str, Any]) -> None:
     if args["init"] == "gram" and not args["gram"]:
         raise InputError("--init gram needs --gram GRAM.zarr (the stored Gram of DATA)")
     if args["kss_tile"] is not None and args["kss_tile"] < 1:
-        raise InputError("the K_ss tile size must be >= 1")
+        raise InputError(f"--kss-tile must be >= 1, got {args['kss_tile']}")
+    if args["label_lr"] is not None and not (args["label_lr"] > 0 and math.isfinite(args["label_lr"])):
+        raise InputError(f"--label-lr must be a positive number, got {args['label_lr']}")
+    if args["schedule"] not in kipmod.SCHEDULES:
+        raise InputError(f"--schedule must be one of {', '.join(kipmod.SCHEDULES)}, got {args['schedule']!r}")
 
 
 def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, ipc: int) -> dict[str, str]:
@@ -153,11 +158,13 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
 
 
 def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", ipc: int = 10, steps: int = 4000,
-            target_batch: int = 2000, lr: float = 0.01, learn_labels: bool = False, reg: float = 1e-6,
+            target_batch: int = 2000, lr: float = 0.01, label_lr: float | None = None, schedule: str = "cosine",
+            learn_labels: bool = False, reg: float = 1e-6,
             workers: int = 1, seed: int = 0, init: str = "random", gram: str | None = None, val: str | None = None,
             eval_every: int = 500, checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
             kss_tile: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
-            target_transform: kipmod.TargetTransform | None = None) -> dict[str, Any]:
+            target_transform: kipmod.TargetTransform | None = None,
+            adversarial: str | None = None, pgd_steps: int = 10, adv_mix: float = 1.0) -> dict[str, Any]:
     """Run KIP on DATA (see ``kernelscale distill --help``); returns the JSON summary.
 
     Raises :class:`NotConvergedError` (exit 3) when the loss becomes non-finite: the last good checkpoint stays.
@@ -180,8 +187,18 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
 
         gram_store = open_gram(gram)
         check_gram(gram_store, data, spec.canonical())
-    config = {"spec": spec.to_json(), "reg": reg, "lr": lr, "learn_labels": bool(learn_labels), "ipc": ipc,
-              "target_batch": target_batch, "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint}
+    label_lr = lr if label_lr is None else label_lr
+    adv = None  # adversarial KIP (kernelscale.adversarial_kip): PGD target batches against the support
+    if adversarial:
+        from .adversarial_kip import AdversarialTargets  # noqa: PLC0415
+
+        if target_transform is not None:
+            raise InputError("pass either adversarial= or target_transform=, not both")
+        adv = target_transform = AdversarialTargets.build(adversarial, pgd_steps, adv_mix, spec, reg, data.affine)
+    config = {"spec": spec.to_json(), "reg": reg, "lr": lr, "label_lr": label_lr, "schedule": schedule,
+              "schedule_steps": max(steps, 1), "learn_labels": bool(learn_labels), "ipc": ipc, "target_batch": target_batch,
+              "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint}
+    config["adversarial"] = adv.config() if adv is not None else None
     exists = storage.exists(out)
     if exists and not resume:
         raise InputError(f"{out} already exists; pass --resume to continue it, or choose another --out")
@@ -195,6 +212,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         if diff:
             raise InputError(f"--resume: {out} was made with other settings ({', '.join(diff)} differ); "
                              "use the same flags or another --out")
+        # The learning-rate schedule spans this invocation's --steps: resuming with the same --steps (after a
+        # kill) reproduces the uninterrupted run exactly; a larger --steps stretches the schedule to the new end.
 
     # -- support and state ----------------------------------------------------------------------------
     kern = pair_kernel(spec)
@@ -205,7 +224,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         rows = init_gram(data, gram_store, ipc, seed)
     else:
         rows = init_random(data, ipc, seed)
-    kip = kipmod.make_kip(kern, lr=lr, reg=reg, learn_labels=learn_labels, target_transform=target_transform)
+    kip = kipmod.make_kip(kern, lr=lr, reg=reg, learn_labels=learn_labels, label_lr=label_lr, schedule=schedule,
+                          total_steps=config["schedule_steps"], target_transform=target_transform)
     state = kip.init(data.take(rows), data.one_hot(rows), seed)
     leaves, treedef = jax.tree_util.tree_flatten(state)
     history = empty_history()
@@ -224,8 +244,12 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
                    "config": config, **data_like})
     evaluator = Evaluator(val_store, memory_limit=memory_limit) if val_store is not None else None
     summary: dict[str, Any] = {"out": out, "kernel": spec.describe(), "n_support": int(len(rows)), "ipc": ipc,
-                               "steps": steps, "start_step": start, "target_batch": target_batch, "lr": lr, "reg": reg,
+                               "steps": steps, "start_step": start, "target_batch": target_batch, "lr": lr,
+                               "label_lr": label_lr, "schedule": schedule, "reg": reg, "kss_tile": kss_tile,
                                "learn_labels": bool(learn_labels), "workers": workers, "init": init}
+
+    if adv is not None:
+        summary["adversarial"] = adv.describe()
 
     # -- floor / ceiling from a stored Gram -------------------------------------------------------------
     if gram_store is not None:

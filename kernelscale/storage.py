@@ -7,6 +7,7 @@ Credentials and endpoints come from the standard environment (``AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,12 +19,34 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
-from .errors import StoreError
+from .errors import KernelscaleError, StoreError
 
 log = logging.getLogger(__name__)
 
 #: Codecs whose presence in stored metadata we refuse: they can execute code when decoded.
 UNSAFE_CODECS = ("pickle", "object", "vlen-pickle")
+
+
+#: errno values of a full disk or an exhausted quota.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is an OSError for a full disk / quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_full_error(path: str, what: str) -> KernelscaleError:
+    """The one-line error for a full disk while ``what`` (e.g. 'writing tile (2, 7)') in store ``path``."""
+    return KernelscaleError(
+        f"no space left on the device holding {path} while {what}. Everything written before is kept and "
+        "consistent (each chunk is written whole or not at all): free space (or move the store) and rerun the "
+        "same command to resume"
+    )
 
 
 def is_url(path: str) -> bool:
@@ -76,13 +99,41 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
 
 
 def _refuse_unsafe(group: zarr.Group, path: str) -> None:
-    for name, arr in group.arrays():
-        meta = json.dumps(arr.metadata.to_dict(), default=str).lower()
-        for bad in UNSAFE_CODECS:
-            if f'"{bad}"' in meta or arr.dtype == np.dtype(object):
+    """Refuse members whose raw metadata names a pickle/object codec or an object dtype.
+
+    Reads each member's ``zarr.json`` as text (one directory listing + one read per member, recursing into
+    subgroups) instead of letting zarr parse it: zarr fails on unknown codecs with its own errors, and a codec
+    registered under another name (``numcodecs.pickle``) would parse and later unpickle chunk bytes.
+    """
+    from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
+
+    store = group.store_path.store
+
+    async def _children(prefix: str) -> list[str]:
+        return [k async for k in store.list_dir(prefix)]
+
+    todo = [group.store_path.path]
+    while todo:
+        prefix = todo.pop()
+        for child in sync(_children(prefix)):
+            key = f"{prefix}/{child}/zarr.json" if prefix else f"{child}/zarr.json"
+            buf = sync(store.get(key, prototype=default_buffer_prototype()))
+            if buf is None:
+                continue
+            try:
+                meta = json.loads(buf.to_bytes().decode())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StoreError(f"{path}/{child}: unreadable metadata ({exc}); re-create the store with kernelscale") from exc
+            if meta.get("node_type") == "group":
+                todo.append(key[: -len("/zarr.json")])
+                continue
+            names = [str(c.get("name", "")).lower() if isinstance(c, dict) else str(c).lower() for c in meta.get("codecs", [])]
+            dtype = json.dumps(meta.get("data_type", "")).lower()
+            bad = [n for n in names if n.rsplit(".", 1)[-1] in UNSAFE_CODECS]
+            if bad or '"object"' in dtype or '"o"' in dtype or '"|o"' in dtype:
                 raise StoreError(
-                    f"{path}/{name} uses a {bad!r} codec or object dtype, which can run code when read; "
-                    "kernelscale refuses it. Re-create the store with kernelscale."
+                    f"{path}/{child} uses a {(bad or ['object dtype'])[0]!r} codec or an object dtype, which can run "
+                    "code when read; kernelscale refuses it. Re-create the store with kernelscale."
                 )
 
 

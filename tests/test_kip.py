@@ -59,6 +59,24 @@ def test_steps_reduce_loss_and_labels_fixed_unless_learned(rng):
         assert not np.array_equal(np.asarray(state.x), x_s)
 
 
+def test_schedule_and_label_lr(rng):
+    """Cosine decay reaches 0 at total_steps; labels move with their own step size (Adam: about lr per step)."""
+    sched = kipmod.learning_rate(0.1, "cosine", 10)
+    assert float(sched(0)) == pytest.approx(0.1) and float(sched(10)) == pytest.approx(0.0, abs=1e-9)
+    assert float(sched(5)) == pytest.approx(0.05, rel=1e-5)
+    assert float(kipmod.learning_rate(0.1, "linear", 10)(5)) == pytest.approx(0.05, rel=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        kipmod.learning_rate(0.1, "step", 10)
+    x_s, y_s, x_t, y_t = _problem(rng)
+    moved = {}
+    for label_lr in (1e-3, 1e-1):
+        kip = kipmod.make_kip(_kernel(), lr=1e-3, label_lr=label_lr, reg=1e-4, learn_labels=True)
+        state, _ = kip.update(kip.init(x_s, y_s), (x_t, y_t))
+        moved[label_lr] = (float(np.abs(np.asarray(state.y) - y_s).max()), float(np.abs(np.asarray(state.x) - x_s).max()))
+    assert moved[1e-1][0] == pytest.approx(1e-1, rel=1e-2) and moved[1e-3][0] == pytest.approx(1e-3, rel=1e-2)
+    assert moved[1e-1][1] == pytest.approx(moved[1e-3][1])  # x's step does not depend on the label lr
+
+
 def test_state_is_a_pytree(rng):
     x_s, y_s, _, _ = _problem(rng)
     kip = kipmod.make_kip(_kernel(), lr=0.01, reg=1e-6, learn_labels=True)
@@ -90,16 +108,17 @@ def test_tiled_kss_gradient_equals_autodiff(rng):
                                              has_aux=True)(x_s, y_s)
     tiles = kipmod.tile_pairs(11, 4)
     assert len(tiles) == 6
+    kss_tile, kss_tile_vjp, target_terms = kipmod.kss_tile, kipmod.kss_tile_vjp, kipmod.target_terms
     k_ss = np.zeros((11, 11), np.float32)
     for b in tiles:
         r0, r1, c0, c1 = b
-        k_ss[r0:r1, c0:c1] = kipmod.kss_tile(kern, x_s, b)
+        k_ss[r0:r1, c0:c1] = kss_tile(kern, x_s, b)
         k_ss[c0:c1, r0:r1] = k_ss[r0:r1, c0:c1].T
     alpha = kipmod.krr_weights(jnp.asarray(k_ss), y_s, reg)
-    terms = [kipmod.target_terms(kern, x_s, alpha, x_t[s], y_t[s]) for s in (slice(0, 25), slice(25, 40))]
+    terms = [target_terms(kern, x_s, alpha, x_t[s], y_t[s]) for s in (slice(0, 25), slice(25, 40))]
     u = terms[0]["u"] + terms[1]["u"]
     g_kss, gy_tiled = kipmod.kss_cotangent(jnp.asarray(k_ss), alpha, u, reg)
-    gx_tiled = terms[0]["gx"] + terms[1]["gx"] + sum(kipmod.kss_tile_vjp(kern, x_s, b, g_kss) for b in tiles)
+    gx_tiled = terms[0]["gx"] + terms[1]["gx"] + sum(kss_tile_vjp(kern, x_s, b, g_kss) for b in tiles)
     assert float(terms[0]["loss"] + terms[1]["loss"]) == pytest.approx(float(loss), rel=1e-4)
     np.testing.assert_allclose(gx_tiled, gx, rtol=2e-3, atol=1e-5 * float(jnp.abs(gx).max()))
     np.testing.assert_allclose(gy_tiled, gy, rtol=2e-3, atol=1e-5 * float(jnp.abs(gy).max()))
@@ -164,15 +183,29 @@ def _run(args: list[str], capsys) -> tuple[int, dict]:
     return code, json.loads(out[-1])
 
 
-def test_cli_distill_evaluate_and_resume_is_exact(mnist_small, tmp_path, capsys):
+def test_cli_distill_evaluate_and_resume_is_exact(mnist_small, tmp_path, capsys, monkeypatch):
+    """A run killed after its step-3 checkpoint and rerun with --resume (default cosine schedule, separate label
+    lr) ends bitwise equal to the uninterrupted run."""
+    from kernelscale import kip_run
+
     common = [mnist_small["train"], "--arch", "fc:depth=2", "--ipc", "2", "--target-batch", "40", "--lr", "0.02",
-              "--learn-labels", "--checkpoint-every", "3", "--seed", "5"]
+              "--label-lr", "0.05", "--learn-labels", "--checkpoint-every", "3", "--seed", "5", "--steps", "6"]
     full, part = str(tmp_path / "full.zarr"), str(tmp_path / "part.zarr")
-    code, s = _run(["distill", *common, "--steps", "6", "--out", full, "--val", mnist_small["val"], "--eval-every", "3"], capsys)
-    assert code == 0 and s["steps_done"] == 6 and s["history"]["val_step"] == [0, 3, 6]
+    code, s = _run(["distill", *common, "--out", full, "--val", mnist_small["val"], "--eval-every", "3"], capsys)
+    assert code == 0 and s["steps_done"] == 6 and s["history"]["val_step"] == [0, 3, 6] and s["schedule"] == "cosine"
     assert (tmp_path / "full_images.png").stat().st_size > 0 and (tmp_path / "full_curves.png").stat().st_size > 0
-    assert _run(["distill", *common, "--steps", "3", "--out", part], capsys)[0] == 0
-    code, s2 = _run(["distill", *common, "--steps", "6", "--resume", "--out", part], capsys)
+    real_commit = kip_run._commit
+
+    def commit_then_die(store, state, history, step):
+        real_commit(store, state, history, step)
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill after the step-3 checkpoint")
+
+    monkeypatch.setattr(kip_run, "_commit", commit_then_die)
+    assert main(["distill", *common, "--out", part, "--no-progress"]) == 130
+    monkeypatch.setattr(kip_run, "_commit", real_commit)
+    assert open_distilled(part).attrs["checkpoint"] == 3
+    code, s2 = _run(["distill", *common, "--resume", "--out", part], capsys)
     assert code == 0 and s2["start_step"] == 3
     a, b = open_distilled(full), open_distilled(part)
     xa, ya = a.support()
@@ -241,6 +274,8 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_checkpoint(mnist_small, tmp
         (["--init", "gram"], "--gram"),
         (["--target-batch", "0"], "--target-batch"),
         (["--lr", "-1"], "--lr"),
+        (["--label-lr", "0"], "--label-lr"),
+        (["--kss-tile", "0"], "--kss-tile"),
     ],
 )
 def test_bad_input_refused_before_compute(mnist_small, tmp_path, capsys, extra, message):
@@ -263,3 +298,18 @@ def test_val_with_other_preprocessing_refused(mnist_small, tmp_path, capsys):
     distill(mnist_small["train"], out=out, arch="fc:depth=2", ipc=1, steps=1, target_batch=10, progress=False)
     with pytest.raises(Exception, match="shape"):
         evaluate(out, shape)
+
+
+def test_cli_kss_tile_matches_fused_step(mnist_small, tmp_path, capsys):
+    """`--kss-tile T` (K_ss tile-wise through the worker pool) gives the same support as the fused step."""
+    common = [mnist_small["train"], "--arch", "fc:depth=2", "--ipc", "1", "--target-batch", "30", "--steps", "2",
+              "--learn-labels"]
+    fused, tiled = str(tmp_path / "fused.zarr"), str(tmp_path / "tiled.zarr")
+    assert _run(["distill", *common, "--out", fused], capsys)[0] == 0
+    code, s = _run(["distill", *common, "--kss-tile", "4", "--out", tiled], capsys)
+    assert code == 0 and s["kss_tile"] == 4
+    (xa, ya), (xb, yb) = open_distilled(fused).support(), open_distilled(tiled).support()
+    step = 2 * 0.01  # two Adam steps of lr 0.01: rounding may move a near-zero-gradient entry by part of one
+    np.testing.assert_allclose(xb, xa, atol=0.05 * step)
+    np.testing.assert_allclose(yb, ya, atol=0.05 * step)
+    assert not np.allclose(xa, open_distilled(fused).group["x"][...] * 0)  # sanity: a real support was written

@@ -63,3 +63,51 @@ def test_distill_with_two_workers_matches_one(mnist_small, ray_local, tmp_path):
     np.testing.assert_allclose(xb, xa, rtol=1e-4, atol=4 * 0.05 * 0.02)
     np.testing.assert_allclose(yb, ya, rtol=1e-4, atol=4 * 0.05 * 0.02)
     assert np.abs(xb - xa).mean() < 1e-5  # almost every entry agrees far more closely
+
+
+def test_gram_init_floor_and_ceiling_from_a_computed_gram(mnist_small, ray_local, tmp_path):
+    """`--init gram` over a Gram from the engine: class-balanced pivots that span each class better than random
+    rows; the label-solve floor and full-KRR ceiling match a dense numpy computation."""
+    from kernelscale.engine import compute_gram
+    from kernelscale.gram_store import open_gram
+    from kernelscale.kip_data import init_gram
+
+    spec = parse_arch("fc:depth=2", "ntk")
+    gpath = str(tmp_path / "g.zarr")
+    compute_gram(mnist_small["train"], spec, gpath, tile=128, workers=2, progress=False)  # 3 x 3 tiles
+    data, val = open_dataset(mnist_small["train"]), open_dataset(mnist_small["val"])
+    gram = open_gram(gpath)
+    k = gram.to_numpy().astype(np.float64)
+    rows = init_gram(data, gram, 3, seed=0)
+    assert len(np.unique(rows)) == 30 and np.array_equal(np.bincount(data.labels[rows], minlength=10), [3] * 10)
+
+    def residual(support):  # trace of the Nystrom residual of each class restricted to its rows, summed
+        total = 0.0
+        for c in range(10):
+            cls = np.flatnonzero(data.labels == c)
+            s = np.intersect1d(support, cls)
+            kcs = k[np.ix_(cls, s)]
+            total += np.trace(k[np.ix_(cls, cls)]) - np.trace(kcs @ np.linalg.pinv(k[np.ix_(s, s)]) @ kcs.T)
+        return total
+
+    # RPCholesky is randomised too: compare the means over the same 5 seeds (deterministic given the seeds)
+    gram_mean = np.mean([residual(init_gram(data, gram, 3, seed)) for seed in range(5)])
+    random_mean = np.mean([residual(init_random(data, 3, seed)) for seed in range(5)])
+    assert gram_mean < 0.97 * random_mean
+
+    s = distill(mnist_small["train"], out=str(tmp_path / "d.zarr"), arch="fc:depth=2", ipc=3, steps=2,
+                target_batch=40, learn_labels=True, init="gram", gram=gpath, val=mnist_small["val"], progress=False)
+    assert s["init"] == "gram"
+    assert np.array_equal(open_distilled(str(tmp_path / "d.zarr")).group["support_rows"][...], rows)
+    reg, y = 1e-6, data.one_hot().astype(np.float64)
+    labels = kipmod.solve_labels(k[:, rows], y, k[np.ix_(rows, rows)], reg)
+    kern = pair_kernel(spec)
+    k_vs = np.asarray(kern(val.rows(0, val.n), data.take(rows)), np.float64)
+    a = k[np.ix_(rows, rows)] + reg * np.trace(k[np.ix_(rows, rows)]) / len(rows) * np.eye(len(rows))
+    floor_val = np.mean(np.argmax(k_vs @ np.linalg.solve(a, labels), 1) == val.labels)
+    assert s["label_solve_floor"]["val_accuracy"] == pytest.approx(floor_val, abs=0.011)  # float32 vs float64 kernel
+    k_va = np.asarray(kern(val.rows(0, val.n), data.rows(0, data.n)), np.float64)
+    full = k + reg * np.trace(k) / len(k) * np.eye(len(k))
+    ceiling = np.mean(np.argmax(k_va @ np.linalg.solve(full, y), 1) == val.labels)
+    assert s["full_krr_ceiling"]["val_accuracy"] == pytest.approx(ceiling, abs=0.011)
+    assert s["full_krr_ceiling"]["val_accuracy"] > s["label_solve_floor"]["val_accuracy"]

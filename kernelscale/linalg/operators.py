@@ -283,13 +283,20 @@ class _RowBlockWorker:
         need = sum((grid.bounds(i, j)[1] - grid.bounds(i, j)[0]) * (grid.bounds(i, j)[3] - grid.bounds(i, j)[2])
                    for i, j in self.tiles) * self.store.dtype.itemsize
         self.cached: dict[tuple[int, int], np.ndarray] | None = None
-        if need <= memory_bytes:
+        self.fits = need <= memory_bytes
+
+    def _load(self) -> None:
+        """Read the tiles into memory (in a task, not in __init__: a corrupt tile then reaches the driver as a
+        StoreError task error instead of an opaque ActorDiedError of the creation task)."""
+        if self.fits and self.cached is None:
             self.cached = {(i, j): self.store.read_tile(i, j) for i, j in self.tiles}
 
     def info(self) -> dict[str, Any]:
+        self._load()
         return {"tiles": len(self.tiles), "in_memory": self.cached is not None}
 
     def mm(self, x: np.ndarray) -> np.ndarray:
+        self._load()
         grid = self.store.grid
         out = np.zeros((grid.n, x.shape[1]))
         if self.cached is not None:
