@@ -312,4 +312,3 @@ def test_cli_kss_tile_matches_fused_step(mnist_small, tmp_path, capsys):
     step = 2 * 0.01  # two Adam steps of lr 0.01: rounding may move a near-zero-gradient entry by part of one
     np.testing.assert_allclose(xb, xa, atol=0.05 * step)
     np.testing.assert_allclose(yb, ya, atol=0.05 * step)
-    assert not np.allclose(xa, open_distilled(fused).group["x"][...] * 0)  # sanity: a real support was written

@@ -161,7 +161,10 @@ def _kernelscale(cluster: LoopbackCluster, *args: str, timeout: float = 150) -> 
 def _summary(proc: subprocess.Popen, timeout: float = 150) -> dict:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}: {err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    # the summary line; Ray may forward worker/raylet log lines to the driver's stdout after it (reported)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary on stdout: {out[-2000:]!r}"
+    return json.loads(lines[-1])
 
 
 def _gram_args(rows: str, out: str) -> list[str]:
