@@ -99,6 +99,7 @@ def _bytes_per_pair(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> 
     arch = spec_json["arch"]
     spec = kernels.KernelSpec("code" if arch == "callable" else arch, dict(spec_json.get("params", {})),
                               spec_json.get("kernel", "ntk"))
+    kernels.check_input_shape(spec, input_shape)
     return kernels.bytes_per_pair(spec, input_shape)
 
 

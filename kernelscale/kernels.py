@@ -314,6 +314,25 @@ def pairwise(spec_or_fn: KernelSpec | KernelFn, get: str | None = None) -> Calla
     return jax.jit(lambda x1, x2: fn(x1, x2, get))
 
 
+def check_input_shape(spec: KernelSpec, input_shape: tuple[int, ...]) -> None:
+    """Refuse inputs the architecture cannot take (before any compute): pooling needs images big enough.
+
+    ``convnet:depth=d`` halves the image ``d`` times and ``myrtle`` five times, so each side must be at least
+    ``2**pools`` pixels (neural-tangents would otherwise fail deep inside a worker).
+    """
+    pools = {"convnet": spec.params.get("depth", 0), "myrtle": 5}.get(spec.arch, 0)
+    if not pools:
+        return
+    if len(input_shape) != 3:
+        raise InputError(f"--arch {spec.arch} needs images (H, W, C); the data has rows of shape {input_shape}")
+    need = 2**pools
+    if min(input_shape[0], input_shape[1]) < need:
+        raise InputError(
+            f"--arch {spec.describe()} pools {pools} times and needs images of at least {need}x{need}; the data "
+            f"is {input_shape[0]}x{input_shape[1]}: ingest with --resize {need}x{need} (or larger) or use fewer layers"
+        )
+
+
 def spatial_pairs(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
     """How many spatial covariance entries neural-tangents keeps per pair of inputs.
 

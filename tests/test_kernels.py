@@ -119,3 +119,14 @@ def test_fast_atan2_accuracy():
     x[:10] = 0
     got = np.asarray(kernels._fast_atan2()(jnp.asarray(y), jnp.asarray(x)))
     np.testing.assert_allclose(got, np.arctan2(y, x), atol=4e-7)
+
+
+def test_pooling_architectures_refuse_too_small_images():
+    with pytest.raises(InputError, match=r"needs images of at least 32x32.*--resize 32x32"):
+        kernels.check_input_shape(kernels.parse_arch("myrtle:depth=5"), (16, 16, 3))
+    with pytest.raises(InputError, match=r"at least 8x8"):
+        kernels.check_input_shape(kernels.parse_arch("convnet:depth=3"), (4, 4, 1))
+    with pytest.raises(InputError, match=r"needs images"):
+        kernels.check_input_shape(kernels.parse_arch("convnet:depth=1"), (10,))
+    kernels.check_input_shape(kernels.parse_arch("convnet:depth=3"), (8, 8, 1))
+    kernels.check_input_shape(kernels.parse_arch("fc"), (1, 1, 7))

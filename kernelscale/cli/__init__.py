@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     run: Callable[[argparse.Namespace], dict[str, Any]] = args._run
     t0 = time.perf_counter()
+    ray_was_running = _ray_running()
     code = 0
     try:
         summary = run(args)
@@ -109,13 +110,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if not ray_was_running:  # Ray forwards worker log lines to stdout until it stops: keep the JSON last
+        _stop_ray()
     summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
     code = int(summary.pop("_exit_code", code))
     if args.json:
-        print(json.dumps(summary, default=_jsonable, sort_keys=False))
+        print(json.dumps(_finite(summary), default=_jsonable, sort_keys=False, allow_nan=False))
     else:
         _print_human(summary)
     return code
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this command started (a cluster it connected to keeps running)."""
+    if _ray_running():
+        sys.modules["ray"].shutdown()
+    sys.stderr.flush()
+    sys.stdout.flush()
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON: NaN/Inf (e.g. the residual of a failed factorisation) become null."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    try:
+        import numpy as np  # noqa: PLC0415
+
+        if isinstance(obj, np.floating):
+            return _finite(float(obj))
+        if isinstance(obj, np.ndarray):
+            return _finite(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
