@@ -22,7 +22,7 @@ from . import storage
 from .data import DatasetStore, open_dataset
 from .distilled_store import DistilledStore, create_distilled, empty_history, open_distilled
 from .errors import InputError, NotConvergedError, StoreError
-from .kernels import KernelSpec, parse_arch
+from .kernels import KernelSpec, check_input_shape, parse_arch
 from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler, check_gram, check_ipc, init_gram, init_random, label_solve
 from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 
@@ -173,7 +173,9 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     _check_args(dict(locals()))
     data = open_dataset(data_path)
     spec = parse_arch(arch, kernel)
+    check_input_shape(spec, data.input_shape)
     check_ipc(data, ipc)
+    data.check_rows()  # NaN/Inf rows or corrupt chunks are refused before any compute
     if data.num_classes < 2:
         raise InputError(f"{data_path}: KIP needs at least 2 classes, found {data.num_classes}")
     data_like = {"input_shape": list(data.input_shape), "preprocess_digest": data.affine.digest(),

@@ -58,8 +58,6 @@ def test_distill_sigkilled_then_resumed_is_bitwise_uninterrupted(mnist_small, tm
     print(f"RELIABILITY distill_kill {json.dumps({'checkpoint_at_kill': killed_at, 'steps': 120})}")
 
 
-@pytest.mark.xfail(strict=True, reason="KIP bug (reported to the lead): distill does not check the rows of a tampered "
-                   "dataset store before compute (kip_run.distill needs data.check_rows() after open_dataset)")
 def test_distill_refuses_tampered_nan_rows_before_compute(mnist_small, tmp_path, capsys):
     import shutil
 

@@ -21,17 +21,17 @@ log = logging.getLogger("kernelscale")
 #: Subcommand name -> module under kernelscale.cli (each defines register(parser) and run(args) -> dict).
 SUBCOMMANDS: dict[str, str] = {
     "ingest": "ingest",
-    "demo": "demo",
-    "distill": "distill",
-    "evaluate": "evaluate",
-    "validate-width": "validate_width",
-    "train-finite": "train_finite",
     "gram": "gram",
     "status": "status",
     "verify": "verify",
     "solve": "solve",
     "eval": "eval",
     "curve": "curve",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "validate-width": "validate_width",
+    "train-finite": "train_finite",
+    "demo": "demo",
 }
 
 
