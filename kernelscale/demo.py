@@ -169,29 +169,11 @@ def report_history(out: str) -> np.ndarray:
 
 def _robustness(distilled: str, val: Any, opts: DemoOptions) -> dict[str, Any]:
     """Clean / PGD / random-noise accuracy of the distilled support's kernel predictor on val rows."""
-    import jax.numpy as jnp  # noqa: PLC0415
+    from .robust import Attack  # noqa: PLC0415
+    from .robust_run import attack_distilled  # noqa: PLC0415
 
-    from .distilled_store import open_distilled  # noqa: PLC0415
-    from .kernels import KernelSpec, kernel_fn  # noqa: PLC0415
-    from .robust import Attack, robust_accuracy  # noqa: PLC0415
-
-    store = open_distilled(distilled)
-    spec = KernelSpec.from_json(store.attrs["spec"])
-    x_s, y_s = (jnp.asarray(a) for a in store.support())
-    kfn = kernel_fn(spec)
-    k_ss = kfn(x_s, x_s, spec.kernel)
-    reg = float(store.attrs["reg"]) * jnp.trace(k_ss) / k_ss.shape[0]
-    alpha = jnp.linalg.solve(k_ss + reg * jnp.eye(k_ss.shape[0]), y_s)
-
-    def predict(x: Any) -> Any:
-        return kfn(x, x_s, spec.kernel) @ alpha
-
-    rows = np.arange(min(opts.attack_rows, val.n))
-    affine = val.affine
-    pixels = np.clip(affine.invert(val.take(rows)), 0.0, 1.0)
     attack = Attack.parse(opts.attack, steps=opts.pgd_steps)
-    result = robust_accuracy(predict, affine.apply, pixels, val.labels[rows], attack)
-    return result | {"attack": attack.describe(), "rows": int(len(rows))}
+    return attack_distilled(distilled, val.path, attack, limit=min(opts.attack_rows, val.n))
 
 
 def _jsonable(obj: Any) -> Any:

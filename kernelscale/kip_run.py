@@ -75,14 +75,19 @@ def check_compatible(data_like: dict[str, Any], other: DatasetStore, flag: str) 
         raise InputError(f"{flag} {other.path} has {other.num_classes} classes, the support has {data_like['num_classes']}")
 
 
-def evaluate(distilled: str, test: str, batch: int = 2048) -> dict[str, Any]:
-    """Kernel regression from a distilled support set onto TEST: ``accuracy``, ``mse`` (see :class:`Evaluator`)."""
+def open_support(distilled: str, test: str) -> tuple[dict[str, Any], DatasetStore, KernelSpec, np.ndarray, np.ndarray]:
+    """``(attrs, test store, kernel spec, support x, support labels)`` of a distilled store, checked against TEST."""
     store = open_distilled(distilled)
     attrs = store.attrs
     test_store = open_dataset(test)
     check_compatible(attrs, test_store, "--test")
-    spec = KernelSpec.from_json(attrs["spec"])
     x_s, y_s = store.support()
+    return attrs, test_store, KernelSpec.from_json(attrs["spec"]), x_s, y_s
+
+
+def evaluate(distilled: str, test: str, batch: int = 2048) -> dict[str, Any]:
+    """Kernel regression from a distilled support set onto TEST: ``accuracy``, ``mse`` (see :class:`Evaluator`)."""
+    attrs, test_store, spec, x_s, y_s = open_support(distilled, test)
     t0 = time.perf_counter()
     result = Evaluator(test_store, batch)(pair_kernel(spec), x_s, y_s, float(attrs["reg"]))
     return {"distilled": distilled, "test": test, "n_support": int(len(x_s)), "steps_done": attrs.get("steps_done"),

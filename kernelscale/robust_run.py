@@ -109,18 +109,12 @@ def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | 
     """PGD robust accuracy of kernel regression from a distilled support set on TEST's first ``limit`` rows."""
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from .distilled_store import open_distilled  # noqa: PLC0415
     from .kip import krr_weights  # noqa: PLC0415
-    from .kip_run import check_compatible  # noqa: PLC0415
+    from .kip_run import open_support  # noqa: PLC0415
     from .kip_sharding import pair_kernel  # noqa: PLC0415
 
     _check_options(limit, batch, workers, 1)
-    store = open_distilled(distilled)
-    attrs = store.attrs
-    test_store = open_dataset(test)
-    check_compatible(attrs, test_store, "--test")
-    spec = KernelSpec.from_json(attrs["spec"])
-    x_s, y_s = store.support()
+    attrs, test_store, spec, x_s, y_s = open_support(distilled, test)
     kern = pair_kernel(spec)
     xs = jnp.asarray(x_s, jnp.float32)
     weights = np.asarray(krr_weights(kern(xs, xs), jnp.asarray(y_s, jnp.float32), float(attrs["reg"])))

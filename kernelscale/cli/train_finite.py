@@ -11,13 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import open_dataset
-from ..distilled_store import open_distilled
 from ..errors import InputError
 from ..finite import train_finite
-from ..kernels import KernelSpec
-from ..kip_run import check_compatible
 from ..kip_run import evaluate as kernel_evaluate
+from ..kip_run import open_support
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -31,13 +28,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    store = open_distilled(args.distilled)
-    test = open_dataset(args.test)
-    check_compatible(store.attrs, test, "--test")
-    spec = KernelSpec.from_json(store.attrs["spec"])
+    _, test, spec, x_s, y_s = open_support(args.distilled, args.test)
     if spec.arch == "code":
         raise InputError("train-finite needs a built-in architecture (fc, convnet, myrtle)")
-    x_s, y_s = store.support()
     x_test = test.rows(0, test.n)
     result = train_finite(spec, x_s, y_s, x_test, test.labels, width=args.width, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, seed=args.seed)
