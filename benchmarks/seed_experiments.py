@@ -83,7 +83,7 @@ def width_check(res: dict, work: Path, img: Path, mnist: tuple[str, str], cifar:
                                         "seconds", "plot")} for k, v in out.items()}
 
 
-def transfer(res: dict, work: Path, datasets: dict[str, tuple[str, str]], steps: int) -> None:
+def transfer(res: dict, work: Path, img: Path, datasets: dict[str, tuple[str, str]], steps: int) -> None:
     print("transfer to finite networks", flush=True)
     rows = {}
     for name, (train, val) in datasets.items():
@@ -96,6 +96,28 @@ def transfer(res: dict, work: Path, datasets: dict[str, tuple[str, str]], steps:
             rows[f"{name} {kind}"] = {k: r[k] for k in ("accuracy", "kernel_accuracy", "gap", "train_accuracy",
                                                         "width", "epochs", "n_support")}
     res["transfer"] = rows | {"kip_steps": steps}
+    res["transfer_plot"] = plot_transfer(rows, img / "transfer.png")
+
+
+def plot_transfer(rows: dict, path: Path) -> str:
+    """Grouped bars: kernel vs finite-network held-out accuracy per support set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows if isinstance(rows[k], dict)]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(x - 0.2, [rows[k]["kernel_accuracy"] for k in names], 0.4, label="kernel regression")
+    ax.bar(x + 0.2, [rows[k]["accuracy"] for k in names], 0.4, label="finite network (width 1024)")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def sample_complexity(res: dict, work: Path, img: Path, curves: dict[str, dict]) -> None:
@@ -144,7 +166,7 @@ def main() -> int:
     if "width" not in skip:
         width_check(res, work, img, mnist, cifar)
     if "transfer" not in skip:
-        transfer(res, work, {"mnist": mnist} | ({"cifar10": cifar} if cifar else {}), args.kip_steps)
+        transfer(res, work, img, {"mnist": mnist} | ({"cifar10": cifar} if cifar else {}), args.kip_steps)
     if "curves" not in skip:
         curves = {
             "mnist fc (28x28)": dict(train=mnist[0], val=mnist[1], arch="fc:depth=3", n_train=4000, n_test=1000,

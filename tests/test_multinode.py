@@ -51,6 +51,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _client_server_port() -> list[str]:
+    """With ray[client] installed, `ray start --head` opens a Ray Client server on port 10001 unless told another
+    port (a free one here, so parallel runs don't clash); the minimal `ray` of a fresh install has no client server
+    and refuses the flag."""
+    from ray._private.parameter import get_ray_client_dependency_error
+
+    return [] if get_ray_client_dependency_error() is not None else ["--ray-client-server-port", str(_free_port())]
+
+
 class LoopbackCluster:
     """Head + worker nodes as ``ray start --block`` processes, each in its own process group."""
 
@@ -67,8 +76,7 @@ class LoopbackCluster:
     def start_head(self) -> None:
         self._popen("head", [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                              "--num-cpus", "1", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
-                             "--ray-client-server-port", str(_free_port()), "--temp-dir", self.root,
-                             "--disable-usage-stats"],
+                             *_client_server_port(), "--temp-dir", self.root, "--disable-usage-stats"],
                     _env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
 
     def start_worker(self, name: str) -> None:
