@@ -264,7 +264,6 @@ def _decode(args: tuple[list[str], tuple[int, int] | None, str]) -> np.ndarray:
 
     paths, size, mode = args
     out = []
-    expected = None
     for path in paths:
         try:
             with Image.open(path) as im:
@@ -276,7 +275,6 @@ def _decode(args: tuple[list[str], tuple[int, int] | None, str]) -> np.ndarray:
             raise InputError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
         if arr.ndim == 2:
             arr = arr[..., None]
-        expected = expected or arr.shape
         out.append(arr)
     return np.stack(out) if out else np.zeros((0,), np.uint8)
 
