@@ -13,7 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .runtime import configure_xla as _configure_xla
+
 __version__ = "0.1.0"
+
+_configure_xla()  # XLA CPU flags, before JAX creates its backend (see kernelscale.runtime.XLA_CPU_FLAGS)
 
 _EXPORTS = {
     "ingest": "kernelscale.data",

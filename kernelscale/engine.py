@@ -25,6 +25,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -43,6 +44,8 @@ MIN_TILE = 256
 IN_FLIGHT_PER_WORKER = 2
 BUDGET_FRACTION = 0.4  # default memory budget: this fraction of available RAM, shared by the node's workers
 RUNS_KEPT = 20  # per-run timing records kept in the store's attributes
+QUIESCE_SECONDS = 30.0  # wait at most this long for actors' pending writes when a run stops
+MISSING_ROUNDS = 3  # recompute rounds for tiles lost in a dead actor's pending write
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,10 +64,29 @@ def available_memory() -> int:
 
 
 def default_tile(n: int, m: int, symmetric: bool) -> int:
-    """Largest tile in {4096, 2048, 1024, 512, 256} that still gives >= 16 stored tiles (min 256)."""
-    tile = MAX_TILE
-    while tile > MIN_TILE and len(TileGrid(n, m, tile, symmetric)) < 16:
-        tile //= 2
+    """Tile side: at most 4096, at least 4 tile bands along the longer side (min 256), and balanced.
+
+    The bands are made equal (10,000 rows give 5 tiles of 2000, not 4 of 2048 and one of 1808), rounded up to
+    a multiple of 8, so edge tiles waste no padded kernel work.
+    """
+    length = max(n, m, 1)
+    cap = MAX_TILE
+    while cap > MIN_TILE and -(-length // cap) < 4:
+        cap //= 2
+    bands = -(-length // cap)
+    tile = -(-length // bands)
+    return max(8, tile + (-tile % 8))
+
+
+def default_sub_block(tile: int, symmetric: bool) -> int:
+    """Kernel-call side for a tile, before the memory cap: half a tile for symmetric Grams (tile >= 512).
+
+    A diagonal tile then takes 3 calls instead of the 4 a whole-tile call costs (the lower half is mirrored);
+    calls of 1000 x 1000 pairs run at the same cost per entry as 2000 x 2000 here (measured, fc NTK).
+    """
+    if symmetric and tile >= 512:
+        half = -(-tile // 2)
+        return half + (-half % 8)
     return tile
 
 
@@ -131,7 +153,13 @@ def _describe_mismatch(attrs: dict[str, Any], want: dict[str, Any]) -> list[str]
 
 
 class GramWorker:
-    """Computes tiles of one Gram store. One per worker slot; holds the jitted kernel and a row-block cache."""
+    """Computes tiles of one Gram store. One per worker slot; holds the jitted kernel and a row-block cache.
+
+    I/O overlaps compute on one background thread: the column block of the likely next tile (same row band,
+    next column) is read while this tile is computed, and a finished tile is written while the next one is
+    computed. At most one write is pending; :meth:`flush` waits for it. A write lost with a killed actor is
+    found by the driver's end-of-run listing and recomputed.
+    """
 
     def __init__(self, config: dict[str, Any], kernel_callable: Any = None):
         self.config = config
@@ -140,6 +168,15 @@ class GramWorker:
         self.fn: Callable | None = None
         self.cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self.s = int(config["sub_block"])
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gram-io")
+        self.pending_write: Future | None = None
+        self.prefetched: dict[tuple[str, int], Future] = {}
+        self.write_seconds = 0.0  # background write time not yet reported
+        self.kernel_blob: bytes | None = None
+
+    def load_kernel(self, blob: bytes | None) -> None:
+        """Use the driver's serialised kernel (see :func:`kernels.export_block_kernel`) instead of tracing."""
+        self.kernel_blob = blob
 
     def _setup(self) -> None:
         import jax  # noqa: PLC0415
@@ -150,35 +187,65 @@ class GramWorker:
         self.store = open_gram(cfg["out"], "r+")
         self.data = {"rows": open_dataset(cfg["data"])}
         self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
-        if self.kernel_callable is not None:
+        if self.kernel_blob is not None:
+            self.fn = kernels.load_block_kernel(self.kernel_blob)
+        elif self.kernel_callable is not None:
             fn, get = self.kernel_callable, cfg["spec"]["kernel"]
             self.fn = jax.jit(lambda x1, x2: fn(x1, x2, get))
         else:
             self.fn = kernels.pairwise(kernels.KernelSpec.from_json(cfg["spec"]))
 
-    def _block(self, which: str, index: int) -> Any:
-        """Rows of tile band ``index`` of the row (``rows``) or column (``cols``) data, padded to a multiple of
-        the kernel-call size by repeating the last row (padding never produces NaN), as a device array."""
-        import jax.numpy as jnp  # noqa: PLC0415
+    def _key(self, which: str, index: int) -> tuple[str, int]:
+        return ("rows" if which == "rows" or not self.config["against"] else "cols", index)
 
-        key = ("rows" if which == "rows" or not self.config["against"] else "cols", index)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+    def _read(self, which: str, index: int) -> np.ndarray:
+        """Rows of tile band ``index`` of the row (``rows``) or column (``cols``) data, padded to a multiple of
+        the kernel-call size by repeating the last row (padding never produces NaN)."""
         data = self.data[which]
         t = self.config["tile"]
         x = data.rows(index * t, min(data.n, (index + 1) * t))
         pad = -len(x) % self.s
         if pad:
             x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-        value = jnp.asarray(x, dtype=self.config["dtype"])
+        return x
+
+    def _block(self, which: str, index: int) -> list[Any]:
+        """Band ``index`` as device arrays of ``s`` rows each, from the cache, a finished prefetch, or read now."""
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        key = self._key(which, index)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        future = self.prefetched.pop(key, None)
+        x = future.result() if future is not None else self._read(which, index)
+        # one device array per kernel call's rows: no slicing op per call
+        value = [jnp.asarray(x[a : a + self.s], dtype=self.config["dtype"]) for a in range(0, len(x), self.s)]
         self.cache[key] = value
         while len(self.cache) > self.config["cache_blocks"]:
             self.cache.popitem(last=False)
         return value
 
+    def _prefetch(self, which: str, index: int) -> None:
+        key = self._key(which, index)
+        bands = -(-self.data[which].n // self.config["tile"])
+        if 0 <= index < bands and key not in self.cache and key not in self.prefetched:
+            self.prefetched = {key: self.io.submit(self._read, which, index)}  # only the latest guess is kept
+
+    def _write(self, i: int, j: int, values: np.ndarray) -> float:
+        assert self.store is not None
+        t = time.perf_counter()
+        self.store.write_tile(i, j, values)
+        return time.perf_counter() - t
+
+    def _wait_write(self) -> None:
+        """Wait for the pending write; re-raises its error (disk full, non-finite values) here."""
+        if self.pending_write is not None:
+            future, self.pending_write = self.pending_write, None
+            self.write_seconds += future.result()
+
     def compute(self, i: int, j: int) -> dict[str, Any]:
-        """Compute tile (i, j) and write it to the store; returns a small status record."""
+        """Compute tile (i, j) and hand it to the background writer; returns a small status record."""
         import ray  # noqa: PLC0415
 
         t0 = time.perf_counter()
@@ -188,13 +255,19 @@ class GramWorker:
         grid, s = self.store.grid, self.s
         r0, r1, c0, c1 = grid.bounds(i, j)
         nr, nc = r1 - r0, c1 - c0
-        x1 = self._block("rows", i)
-        x2 = x1 if (grid.symmetric and i == j) else self._block("cols", j)
-        t_read = time.perf_counter()
         diagonal = grid.symmetric and i == j
+        x1 = self._block("rows", i)
+        x2 = x1 if diagonal else self._block("cols", j)
+        # guess the next tile: the plan walks a row band left to right, then (symmetric) starts band i + 1
+        col_bands = -(-self.data["cols"].n // self.config["tile"])
+        if j + 1 < col_bands:
+            self._prefetch("cols", j + 1)
+        elif grid.symmetric:
+            self._prefetch("rows", i + 1)
+        t_read = time.perf_counter()
         out = np.empty((nr, nc), self.config["dtype"])
         for a, b in sub_blocks(nr, nc, s, diagonal):
-            k = np.asarray(self.fn(x1[a : a + s], x2[b : b + s]))
+            k = np.asarray(self.fn(x1[a // s], x2[b // s]))
             ra, rb = min(s, nr - a), min(s, nc - b)
             if diagonal and a == b:
                 k = np.triu(k) + np.triu(k, 1).T  # exactly symmetric
@@ -202,10 +275,19 @@ class GramWorker:
             if diagonal and a != b:
                 out[b : b + rb, a : a + ra] = k[:ra, :rb].T
         t_kernel = time.perf_counter()
-        self.store.write_tile(i, j, out)
+        self._wait_write()
+        self.pending_write = self.io.submit(self._write, i, j, out)
         t_write = time.perf_counter()
+        written, self.write_seconds = self.write_seconds, 0.0
         return {"tile": (i, j), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "entries": nr * nc, "read_s": t_read - t0, "kernel_s": t_kernel - t_read, "write_s": t_write - t_kernel}
+                "entries": nr * nc, "read_s": t_read - t0, "kernel_s": t_kernel - t_read,
+                "write_s": written, "stall_s": t_write - t_kernel}
+
+    def flush(self) -> dict[str, Any]:
+        """Wait for the pending write; returns the write time not yet reported."""
+        self._wait_write()
+        written, self.write_seconds = self.write_seconds, 0.0
+        return {"write_s": written}
 
     def ping(self) -> str:
         return socket.gethostname()
@@ -300,7 +382,7 @@ def compute_gram(
         bpp *= 2
     n_workers_hint = workers or 1
     budget = int(memory_budget) if memory_budget else int(BUDGET_FRACTION * available_memory() / n_workers_hint)
-    s = sub_block or sub_block_size(tile, bpp, budget)
+    s = sub_block or min(sub_block_size(tile, bpp, budget), default_sub_block(tile, symmetric))
     if s < 1:
         raise InputError(
             f"one pair of inputs needs about {bpp / 2**20:.1f} MiB in this kernel but the memory budget is "
@@ -344,7 +426,18 @@ def compute_gram(
                   "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks}
         log.info("%s: %d tiles, %d present, %d to compute (tile %d, kernel calls %d x %d, %.0f MiB budget)",
                  out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
+        planned = plan.tiles()
         run = _run_workers(plan, grid, config, kernel_callable, workers, gpus_per_worker, address, progress)
+        for _ in range(MISSING_ROUNDS):
+            # a write pending in an actor that died is lost with it: the listing is the truth
+            missing = sorted(planned - store.done_tiles()) if run["tiles"] else []
+            if not missing:
+                break
+            log.warning("%d computed tiles are not in the store (a worker died before writing them); "
+                        "recomputing them", len(missing))
+            again = _run_workers(TilePlan(grid, selection=missing), grid, config, kernel_callable, workers,
+                                 gpus_per_worker, address, progress)
+            _merge_runs(run, again)
         seconds = time.perf_counter() - t_start
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
                   "seconds": round(seconds, 3), "compute_seconds": round(run["seconds"], 3),
@@ -379,6 +472,29 @@ def compute_gram(
     }
 
 
+def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None:
+    """The block kernel of this run serialised for the actors, or None (float64, or not exportable)."""
+    if config["dtype"] != "float32":
+        return None  # tracing float64 would need jax_enable_x64 in the driver process
+    if kernel_callable is not None:
+        get = config["spec"]["kernel"]
+        fn = kernels.jit_block(lambda x1, x2: kernel_callable(x1, x2, get))
+    else:
+        fn = kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
+    shape = tuple(open_dataset(config["data"]).input_shape)
+    return kernels.export_block_kernel(fn, int(config["sub_block"]), shape, config["dtype"])
+
+
+def _merge_runs(run: dict[str, Any], again: dict[str, Any]) -> None:
+    """Add a recompute round's counts to the main run's (tiles counted once: they were lost, then redone)."""
+    run["entries"] += again["entries"]
+    run["seconds"] += again["seconds"]
+    for node, count in again["nodes"].items():
+        run["nodes"][node] = run["nodes"].get(node, 0) + count
+    for part, value in again["tile_seconds"].items():
+        run["tile_seconds"][part] = run["tile_seconds"].get(part, 0.0) + value
+
+
 def _abspath(path: str) -> str:
     return path if storage.is_url(path) else os.path.abspath(path)
 
@@ -387,7 +503,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                  workers: int | None, gpus_per_worker: float, address: str | None, progress: bool) -> dict[str, Any]:
     """Start the actors, feed them the plan with ray.wait, and collect status records."""
     result: dict[str, Any] = {"tiles": 0, "entries": 0, "nodes": {}, "workers": 0, "seconds": 0.0,
-                              "tile_seconds": {"read": 0.0, "kernel": 0.0, "write": 0.0}}
+                              "tile_seconds": {"read": 0.0, "kernel": 0.0, "write": 0.0, "stall": 0.0}}
     if plan.total == 0:
         return result
     import ray  # noqa: PLC0415
@@ -411,15 +527,32 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
     callable_ref = ray.put(kernel_callable) if kernel_callable is not None else None
     actors = [remote_cls.options(**opts).remote(config, callable_ref) for _ in range(n_workers)]
     result["workers"] = n_workers
+    # trace the kernel once here while the actors start; each actor compiles the serialised program
+    blob_ref = ray.put(_export_kernel(config, kernel_callable))
+    for actor in actors:
+        actor.load_kernel.remote(blob_ref)
     last_row: list[int | None] = [None] * n_workers
     inflight: dict[Any, tuple[int, tuple[int, int]]] = {}
     failures: dict[tuple[int, int], int] = {}
+    retired: set[int] = set()  # actors already flushed and killed (nothing left for them)
 
     def submit(k: int) -> None:
         nxt = plan.next(last_row[k])
         if nxt is not None:
             last_row[k] = nxt[0]
             inflight[actors[k].compute.remote(*nxt)] = (k, nxt)
+
+    def flush(k: int) -> None:
+        """Wait for actor k's pending write. If the actor is lost, the end-of-run listing finds the tile."""
+        try:
+            result["tile_seconds"]["write"] += ray.get(actors[k].flush.remote())["write_s"]
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, KernelscaleError):
+                raise type(cause)(str(cause).splitlines()[-1]) from exc
+            raise KernelscaleError(f"a worker failed writing its last tile: {exc}") from exc
+        except ray.exceptions.RayError as exc:
+            log.warning("worker lost before its last write was confirmed (%s); the listing check will tell", exc)
 
     bar = tqdm(total=plan.total, desc="gram", unit="tile", disable=not progress)
     try:
@@ -444,17 +577,20 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                     log.warning("tile %s lost (%s); rescheduling", tile_ij, exc)
                     plan.push_back(tile_ij)
                     actors[k] = remote_cls.options(**opts).remote(config, callable_ref)
+                    actors[k].load_kernel.remote(blob_ref)
                     last_row[k] = None
                     submit(k)
                     continue
                 result["tiles"] += 1
                 result["entries"] += status["entries"]
                 result["nodes"][status["node"]] = result["nodes"].get(status["node"], 0) + 1
-                for part in ("read", "kernel", "write"):
+                for part in ("read", "kernel", "write", "stall"):
                     result["tile_seconds"][part] += status[f"{part}_s"]
                 bar.update(1)
                 submit(k)
                 if not any(slot == k for slot, _ in inflight.values()):
+                    flush(k)
+                    retired.add(k)
                     # Nothing left for this actor: free its CPU/GPU now. An actor Ray restarts after losing its
                     # node needs a free slot; on a fully packed cluster its retried tiles would otherwise wait
                     # forever for actors that sit idle until the run ends.
@@ -463,6 +599,11 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
         bar.close()
         for ref in list(inflight):
             ray.cancel(ref, force=False)
+        # let pending background writes land (or fail) before the actors go: nothing may be written into the
+        # store after this function returns, e.g. while a caller inspects a store after an error
+        live = [actor for k, actor in enumerate(actors) if k not in retired]
+        if live:
+            ray.wait([actor.flush.remote() for actor in live], num_returns=len(live), timeout=QUIESCE_SECONDS)
         for actor in actors:
             ray.kill(actor, no_restart=True)
     result["seconds"] = time.perf_counter() - t0

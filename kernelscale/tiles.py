@@ -44,6 +44,10 @@ class TilePlan:
     def __len__(self) -> int:
         return self.remaining
 
+    def tiles(self) -> set[tuple[int, int]]:
+        """The tiles not yet handed out."""
+        return {(i, j) for i, band in self.rows.items() for j in band}
+
     def next(self, row: int | None) -> tuple[int, int] | None:
         """The next tile for a worker whose cached row band is ``row`` (None: any), or None when done."""
         if self.remaining == 0:
