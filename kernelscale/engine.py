@@ -428,16 +428,10 @@ def compute_gram(
                  out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
         planned = plan.tiles()
         run = _run_workers(plan, grid, config, kernel_callable, workers, gpus_per_worker, address, progress)
-        for _ in range(MISSING_ROUNDS):
-            # a write pending in an actor that died is lost with it: the listing is the truth
-            missing = sorted(planned - store.done_tiles()) if run["tiles"] else []
-            if not missing:
-                break
-            log.warning("%d computed tiles are not in the store (a worker died before writing them); "
-                        "recomputing them", len(missing))
-            again = _run_workers(TilePlan(grid, selection=missing), grid, config, kernel_callable, workers,
-                                 gpus_per_worker, address, progress)
-            _merge_runs(run, again)
+        if run["tiles"]:
+            _recompute_lost(planned, store, run, lambda missing: _run_workers(
+                TilePlan(grid, selection=missing), grid, config, kernel_callable, workers, gpus_per_worker,
+                address, progress))
         seconds = time.perf_counter() - t_start
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
                   "seconds": round(seconds, 3), "compute_seconds": round(run["seconds"], 3),
@@ -483,6 +477,23 @@ def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None
         fn = kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
     shape = tuple(open_dataset(config["data"]).input_shape)
     return kernels.export_block_kernel(fn, int(config["sub_block"]), shape, config["dtype"])
+
+
+def _recompute_lost(planned: set[tuple[int, int]], store: GramStore, run: dict[str, Any],
+                    rerun: Callable[[list[tuple[int, int]]], dict[str, Any]]) -> None:
+    """Recompute planned tiles missing from the store after a run (the listing is the truth: a write pending in
+    an actor that died is lost with it), at most MISSING_ROUNDS times; ``run`` accumulates the extra work."""
+    for _ in range(MISSING_ROUNDS):
+        missing = sorted(planned - store.done_tiles())
+        if not missing:
+            return
+        log.warning("%d computed tiles are not in the store (a worker died before writing them); recomputing "
+                    "them", len(missing))
+        _merge_runs(run, rerun(missing))
+    missing = sorted(planned - store.done_tiles())
+    if missing:
+        raise KernelscaleError(f"{len(missing)} tiles (first {missing[0]}) are still missing after "
+                               f"{MISSING_ROUNDS} recompute rounds; rerun the same command to resume")
 
 
 def _merge_runs(run: dict[str, Any], again: dict[str, Any]) -> None:

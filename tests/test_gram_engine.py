@@ -273,3 +273,48 @@ def test_memory_budget_too_small_refused_before_compute(ray_local, tmp_path, rng
     with pytest.raises(InputError, match="memory budget"):
         compute_gram(data, parse_arch("convnet"), out, memory_budget=1000, progress=False)
     assert not os.path.exists(out)
+
+
+def test_default_tile_is_balanced_and_bounded():
+    from kernelscale.engine import MAX_TILE, default_sub_block, default_tile
+
+    assert default_tile(10_000, 10_000, True) == 2000  # 5 bands of 2000, not 4 x 2048 + 1808
+    assert default_tile(1_281_167, 1_281_167, True) == MAX_TILE
+    for n in (7, 100, 1003, 5000, 45_000, 90_000, 333_333):
+        t = default_tile(n, n, True)
+        assert t % 8 == 0 and t <= MAX_TILE
+        bands = -(-n // t)
+        assert bands * t - n < 8 * bands  # padding is only the rounding to a multiple of 8
+        assert bands >= 4 or t <= 256
+    assert default_sub_block(2000, True) == 1000 and default_sub_block(2000, False) == 2000
+    assert default_sub_block(256, True) == 256
+
+
+def test_lost_tiles_are_recomputed_from_the_listing(mnist_small, ray_local, tmp_path):
+    """A tile whose background write died with its actor is missing from the store: the listing check redoes
+    exactly those tiles; a tile that stays missing is an error, never a silent hole."""
+    from kernelscale.engine import _recompute_lost
+
+    out = str(tmp_path / "g.zarr")
+    spec = parse_arch("fc:depth=2", "nngp")
+    compute_gram(mnist_small["train"], spec, out, tile=64, workers=1, progress=False)
+    store = open_gram(out, "r+")
+    reference = store.to_numpy()
+    planned = set(store.done_tiles())
+    lost = sorted(planned)[1:3]
+    for i, j in lost:
+        os.remove(os.path.join(out, "gram", "c", str(i), str(j)))
+    asked = []
+
+    def rerun(missing):
+        asked.append(missing)
+        return compute_gram(mnist_small["train"], spec, out, tiles=missing, workers=1, progress=False) | {
+            "entries": 0, "seconds": 0.0, "nodes": {}, "tile_seconds": {}}
+
+    run = {"entries": 0, "seconds": 0.0, "nodes": {}, "tile_seconds": {}}
+    _recompute_lost(planned, store, run, rerun)
+    assert asked == [lost]
+    np.testing.assert_array_equal(open_gram(out).to_numpy(), reference)
+
+    with pytest.raises(Exception, match="still missing"):
+        _recompute_lost(planned | {(99, 99)}, store, run, lambda missing: run)

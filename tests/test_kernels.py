@@ -130,3 +130,24 @@ def test_pooling_architectures_refuse_too_small_images():
         kernels.check_input_shape(kernels.parse_arch("convnet:depth=1"), (10,))
     kernels.check_input_shape(kernels.parse_arch("convnet:depth=3"), (8, 8, 1))
     kernels.check_input_shape(kernels.parse_arch("fc"), (1, 1, 7))
+
+
+def test_exported_block_kernel_equals_the_traced_one(rng):
+    """The Gram driver serialises the kernel once (jax.export); actors load it instead of re-tracing."""
+    from kernelscale.kernels import export_block_kernel, load_block_kernel, pairwise
+
+    spec = kernels.parse_arch("fc:depth=2", "ntk")
+    fn = pairwise(spec)
+    blob = export_block_kernel(fn, 16, (5,), "float32")
+    assert isinstance(blob, bytes) and blob
+    x1, x2 = rng.normal(size=(16, 5)).astype(np.float32), rng.normal(size=(16, 5)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(load_block_kernel(blob)(x1, x2)), np.asarray(fn(x1, x2)), rtol=1e-6, atol=1e-6)
+
+
+def test_unexportable_kernel_returns_none():
+    from kernelscale.kernels import export_block_kernel, jit_block
+
+    def needs_concrete_values(x1, x2):
+        return np.asarray(x1) @ np.asarray(x2).T  # numpy on tracers: cannot be traced
+
+    assert export_block_kernel(jit_block(needs_concrete_values), 4, (3,), "float32") is None

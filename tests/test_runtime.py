@@ -38,3 +38,28 @@ def test_gcs_address_is_loopback(ray_local):
     if not ray_local.get("started_local"):
         pytest.skip("external cluster")
     assert ray_local["address"].startswith("127.0.0.1:")
+
+
+def test_xla_flags_added_once_and_never_override_the_user():
+    from kernelscale.runtime import xla_flags
+
+    assert xla_flags(None, "0.5.3") == "--xla_cpu_use_thunk_runtime=false"
+    assert xla_flags("--xla_cpu_use_thunk_runtime=true --foo=1", "0.5.3") == "--xla_cpu_use_thunk_runtime=true --foo=1"
+    once = xla_flags(None, "0.5.3")
+    assert xla_flags(once, "0.5.3") == once
+    assert xla_flags("--foo=1", "0.6.0") == "--foo=1"  # newer jaxlib: the flag may not exist, add nothing
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "--xla_cpu_use_thunk_runtime=false"),
+    ({"KERNELSCALE_XLA_DEFAULTS": "0"}, ""),
+    ({"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}, "--xla_cpu_use_thunk_runtime=true"),
+])
+def test_import_sets_xla_flags_before_jax_starts(env, expected):
+    import subprocess
+    import sys
+
+    code = "import os, kernelscale; print(os.environ.get('XLA_FLAGS', ''))"
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERNELSCALE_XLA_DEFAULTS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
