@@ -189,11 +189,8 @@ class GramWorker:
         self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
         if self.kernel_blob is not None:
             self.fn = kernels.load_block_kernel(self.kernel_blob)
-        elif self.kernel_callable is not None:
-            fn, get = self.kernel_callable, cfg["spec"]["kernel"]
-            self.fn = jax.jit(lambda x1, x2: fn(x1, x2, get))
         else:
-            self.fn = kernels.pairwise(kernels.KernelSpec.from_json(cfg["spec"]))
+            self.fn = _block_kernel(cfg, self.kernel_callable)
 
     def _key(self, which: str, index: int) -> tuple[str, int]:
         return ("rows" if which == "rows" or not self.config["against"] else "cols", index)
@@ -423,7 +420,8 @@ def compute_gram(
         plan = TilePlan(grid, done=done, selection=selection, max_tiles=max_tiles)
         plan_seconds = time.perf_counter() - t_plan
         config = {"out": out, "data": rows.path, "against": cols.path if cols is not None else None,
-                  "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks}
+                  "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks,
+                  "input_shape": list(rows.input_shape)}
         log.info("%s: %d tiles, %d present, %d to compute (tile %d, kernel calls %d x %d, %.0f MiB budget)",
                  out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
         planned = plan.tiles()
@@ -466,17 +464,19 @@ def compute_gram(
     }
 
 
+def _block_kernel(config: dict[str, Any], kernel_callable: Any) -> Callable[[Any, Any], Any]:
+    """The jitted ``f(x1, x2)`` of this run: the spec's kernel, or the user's ``kernel_fn`` with its ``get``."""
+    if kernel_callable is not None:
+        return kernels.pairwise(kernel_callable, config["spec"]["kernel"])
+    return kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
+
+
 def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None:
     """The block kernel of this run serialised for the actors, or None (float64, or not exportable)."""
     if config["dtype"] != "float32":
         return None  # tracing float64 would need jax_enable_x64 in the driver process
-    if kernel_callable is not None:
-        get = config["spec"]["kernel"]
-        fn = kernels.jit_block(lambda x1, x2: kernel_callable(x1, x2, get))
-    else:
-        fn = kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
-    shape = tuple(open_dataset(config["data"]).input_shape)
-    return kernels.export_block_kernel(fn, int(config["sub_block"]), shape, config["dtype"])
+    return kernels.export_block_kernel(_block_kernel(config, kernel_callable), int(config["sub_block"]),
+                                       tuple(config["input_shape"]), config["dtype"])
 
 
 def _recompute_lost(planned: set[tuple[int, int]], store: GramStore, run: dict[str, Any],
@@ -504,6 +504,14 @@ def _merge_runs(run: dict[str, Any], again: dict[str, Any]) -> None:
         run["nodes"][node] = run["nodes"].get(node, 0) + count
     for part, value in again["tile_seconds"].items():
         run["tile_seconds"][part] = run["tile_seconds"].get(part, 0.0) + value
+
+
+def _worker_error(exc: Any, what: str) -> KernelscaleError:
+    """A worker's RayTaskError as the error to raise: its own KernelscaleError (one line), else ``what``."""
+    cause = exc.as_instanceof_cause()
+    if isinstance(cause, KernelscaleError):
+        return type(cause)(str(cause).splitlines()[-1])
+    return KernelscaleError(f"{what}: {exc}")
 
 
 def _abspath(path: str) -> str:
@@ -558,10 +566,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
         try:
             result["tile_seconds"]["write"] += ray.get(actors[k].flush.remote())["write_s"]
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, KernelscaleError):
-                raise type(cause)(str(cause).splitlines()[-1]) from exc
-            raise KernelscaleError(f"a worker failed writing its last tile: {exc}") from exc
+            raise _worker_error(exc, "a worker failed writing its last tile") from exc
         except ray.exceptions.RayError as exc:
             log.warning("worker lost before its last write was confirmed (%s); the listing check will tell", exc)
 
@@ -577,10 +582,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                 try:
                     status = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
-                    cause = exc.as_instanceof_cause()
-                    if isinstance(cause, KernelscaleError):
-                        raise type(cause)(str(cause).splitlines()[-1]) from exc
-                    raise KernelscaleError(f"tile {tile_ij} failed in a worker: {exc}") from exc
+                    raise _worker_error(exc, f"tile {tile_ij} failed in a worker") from exc
                 except ray.exceptions.RayError as exc:  # actor lost beyond Ray's own retries
                     failures[tile_ij] = failures.get(tile_ij, 0) + 1
                     if failures[tile_ij] > 3:

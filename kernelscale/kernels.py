@@ -317,13 +317,6 @@ def pairwise(spec_or_fn: KernelSpec | KernelFn, get: str | None = None) -> Calla
     return jax.jit(lambda x1, x2: fn(x1, x2, get))
 
 
-def jit_block(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """``jax.jit`` of a block kernel ``fn(x1, x2)``."""
-    import jax  # noqa: PLC0415
-
-    return jax.jit(fn)
-
-
 def export_block_kernel(fn: Callable[[Any, Any], Any], rows: int, input_shape: tuple[int, ...], dtype: str
                         ) -> bytes | None:
     """Serialise a jitted block kernel ``fn(x1, x2)`` for ``(rows, *input_shape)`` inputs (``jax.export``).

@@ -145,9 +145,9 @@ def test_exported_block_kernel_equals_the_traced_one(rng):
 
 
 def test_unexportable_kernel_returns_none():
-    from kernelscale.kernels import export_block_kernel, jit_block
+    from kernelscale.kernels import export_block_kernel, pairwise
 
-    def needs_concrete_values(x1, x2):
+    def needs_concrete_values(x1, x2, get):
         return np.asarray(x1) @ np.asarray(x2).T  # numpy on tracers: cannot be traced
 
-    assert export_block_kernel(jit_block(needs_concrete_values), 4, (3,), "float32") is None
+    assert export_block_kernel(pairwise(needs_concrete_values, "ntk"), 4, (3,), "float32") is None
