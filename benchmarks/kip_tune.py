@@ -25,6 +25,15 @@ CLI = [str(Path(sys.executable).parent / "kernelscale")]
 BASE = ["--arch", "fc:depth=3", "--kernel", "ntk", "--ipc", "10", "--learn-labels", "--reg", "1e-6"]
 VARIANTS = {
     "default": [],
+    # session 3: the defaults before target augmentation (4,000 steps, no augmentation) and the study's variants
+    "old_default": ["--steps", "4000", "--target-augment", "none"],
+    "shift2_4000": ["--steps", "4000", "--target-augment", "shift=2"],
+    "shift2_flip_4000": ["--steps", "4000", "--target-augment", "shift=2,flip"],
+    "flip_4000": ["--steps", "4000", "--target-augment", "flip"],
+    "shift2_8000": ["--steps", "8000", "--target-augment", "shift=2"],
+    "none_8000": ["--steps", "8000", "--target-augment", "none"],
+    "b_std0_4000": ["--arch", "fc:depth=3,b_std=0", "--steps", "4000", "--target-augment", "none"],
+    "b_std0.5_4000": ["--arch", "fc:depth=3,b_std=0.5", "--steps", "4000", "--target-augment", "none"],
     "steps8000": ["--steps", "8000"],
     "batch4000": ["--target-batch", "4000"],
     "steps8000_batch4000": ["--steps", "8000", "--target-batch", "4000"],
@@ -57,14 +66,19 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/kip_tune")
     p.add_argument("--variants", default="default", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--json")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tt, th = tune_split(args.train, work)
     results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
     for name in args.variants.split(","):
-        out = work / f"kip_{name}.zarr"
-        cmd = CLI + ["distill", tt] + BASE + VARIANTS[name] + ["--val", th, "--eval-every", "1000", "--out", str(out),
+        out = work / f"kip_{name}_s{args.seed}.zarr"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cmd = CLI + ["distill", tt] + BASE + VARIANTS[name] + ["--seed", str(args.seed)] + ["--val", th, "--eval-every", "1000", "--out", str(out),
                                                             "--json", "--no-progress"]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,7 +87,7 @@ def main() -> int:
             raise SystemExit(f"{name}: distill failed ({done.returncode})")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         summary["wall_s"] = round(time.perf_counter() - t, 1)
-        results[name] = summary
+        results[f"{name}_s{args.seed}"] = summary
         print(name, json.dumps({k: summary.get(k) for k in ("wall_s", "val_accuracy", "history", "seconds")}, default=str),
               flush=True)
         if args.json:

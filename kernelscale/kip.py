@@ -12,7 +12,7 @@ gradient flows through the analytic neural-tangents kernel.
 
 Usage (optax style)::
 
-    kip = make_kip(kernel, lr=0.01, reg=1e-6, learn_labels=True, label_lr=0.01, schedule="cosine", total_steps=4000)
+    kip = make_kip(kernel, lr=0.01, reg=1e-6, learn_labels=True, label_lr=0.01, schedule="cosine", total_steps=6000)
     state = kip.init(support_x, support_y, seed=0)
     state, metrics = kip.update(state, (target_x, target_y))
 

@@ -17,6 +17,7 @@ import numpy as np
 from .data import DatasetStore
 from .errors import InputError, StoreError
 from .gram_store import GramStore
+from .target_augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,32 @@ class TargetSampler:
     """Class-balanced target batches of ``batch`` rows from a dataset store; ``batch(step)`` is deterministic.
 
     Rows within a class are drawn without replacement (with replacement only if a class has fewer rows than
-    its share). Targets are centred one-hot labels (one-hot minus 1/C), float32 (B, C).
+    its share). Targets are centred one-hot labels (one-hot minus 1/C), float32 (B, C). ``augment`` translates
+    and flips the rows (drawn for the whole batch from ``(seed, step)`` before it is split into parts).
     """
 
-    def __init__(self, data: DatasetStore, batch: int, seed: int, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+    def __init__(self, data: DatasetStore, batch: int, seed: int, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 augment: TargetAugment | None = None):
         if batch < 1:
             raise InputError(f"--target-batch must be >= 1, got {batch}")
         self.data = data
         self.batch_size = int(batch)
         self.seed = int(seed)
         self.num_classes = data.num_classes
+        self.augment = augment or TargetAugment()
         self.by_class = class_rows(data.labels, self.num_classes)
         nbytes = data.n * int(np.prod(data.input_shape)) * 4
         self.x_in_memory: np.ndarray | None = None
-        if nbytes <= memory_limit:
-            self.x_in_memory = np.concatenate([rows for _, rows in data.iter_rows(8192)]) if data.n else None
+        self._x_padded: np.ndarray | None = None  # in-memory rows with the translation margin, when augmenting
+        if nbytes <= memory_limit and data.n and self.augment.shift:
+            # padded once: each batch is then one gather + crop per translation instead of a pad per batch
+            s, (h, w, c) = self.augment.shift, data.input_shape
+            self._x_padded = np.empty((data.n, h + 2 * s, w + 2 * s, c), np.float32)
+            for start, rows in data.iter_rows(8192):
+                self._x_padded[start : start + len(rows)] = self.augment.pad(rows)
+            self.x_in_memory = self._x_padded[:, s:-s, s:-s]
+        elif nbytes <= memory_limit and data.n:
+            self.x_in_memory = np.concatenate([rows for _, rows in data.iter_rows(8192)])
         log.info("target sampler: %d rows, %s", data.n, "in memory" if self.x_in_memory is not None else "read by rows")
 
     def indices(self, step: int) -> np.ndarray:
@@ -73,11 +85,24 @@ class TargetSampler:
         return x, self.data.one_hot(idx)
 
     def batch(self, step: int, part: int = 0, parts: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The target batch of ``step``, or its ``part``-th of ``parts`` contiguous slices (for shards)."""
+        """The target batch of ``step``, or its ``part``-th of ``parts`` contiguous slices (for shards).
+
+        Augmented batches come in :meth:`TargetAugment.grouping` order (same rows, another order)."""
         idx = self.indices(step)
+        params = None
+        if self.augment.active:  # rows with the same translation made contiguous (the loss is a sum over rows)
+            params = self.augment.draw(len(idx), self.seed, step)
+            order = self.augment.grouping(params)
+            idx, params = idx[order], params[order]
         if parts > 1:
-            idx = np.array_split(idx, parts)[part]
-        return self.read(idx)
+            keep = np.array_split(np.arange(len(idx)), parts)[part]
+            idx, params = idx[keep], (params[keep] if params is not None else None)
+        if params is None:
+            return self.read(idx)
+        if self._x_padded is not None:
+            return self.augment.crop(self._x_padded, idx, params), self.data.one_hot(idx)
+        x, y = self.read(idx)
+        return self.augment.apply(x, params), y
 
     def iterate(self, start: int, stop: int, part: int = 0, parts: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches of steps ``start..stop-1``, the next one read in a background thread while this one runs."""

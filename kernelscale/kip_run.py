@@ -25,12 +25,15 @@ from .errors import InputError, NotConvergedError, StoreError
 from .kernels import KernelSpec, check_input_shape, parse_arch
 from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler, check_gram, check_ipc, init_gram, init_random, label_solve
 from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
+from .target_augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
 #: Settings that must match for --resume to continue a run (steps may grow).
 RESUME_KEYS = ("spec", "reg", "lr", "label_lr", "schedule", "learn_labels", "ipc", "target_batch", "seed", "init",
-               "dataset_fingerprint", "adversarial")
+               "dataset_fingerprint", "adversarial", "target_augment")
+#: What a store written before a resume key existed was made with (so older runs still resume).
+RESUME_DEFAULTS = {"target_augment": "none"}
 CEILING_MAX_ROWS = 6000  # full-data kernel regression from the stored Gram only up to this many DATA rows
 
 
@@ -162,12 +165,12 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
     return paths
 
 
-def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", ipc: int = 10, steps: int = 4000,
+def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", ipc: int = 10, steps: int = 6000,
             target_batch: int = 2000, lr: float = 0.01, label_lr: float | None = None, schedule: str = "cosine",
             learn_labels: bool = False, reg: float = 1e-6,
             workers: int = 1, seed: int = 0, init: str = "random", gram: str | None = None, val: str | None = None,
             eval_every: int = 500, checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
-            kss_tile: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+            kss_tile: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT, target_augment: str = "auto",
             target_transform: kipmod.TargetTransform | None = None,
             adversarial: str | None = None, pgd_steps: int = 10, adv_mix: float = 1.0) -> dict[str, Any]:
     """Run KIP on DATA (see ``kernelscale distill --help``); returns the JSON summary.
@@ -180,6 +183,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     spec = parse_arch(arch, kernel)
     check_input_shape(spec, data.input_shape)
     check_ipc(data, ipc)
+    augment = TargetAugment.parse(target_augment, data.input_shape)
     data.check_rows()  # NaN/Inf rows or corrupt chunks are refused before any compute
     if data.num_classes < 2:
         raise InputError(f"{data_path}: KIP needs at least 2 classes, found {data.num_classes}")
@@ -204,7 +208,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         adv = target_transform = AdversarialTargets.build(adversarial, pgd_steps, adv_mix, spec, reg, data.affine)
     config = {"spec": spec.to_json(), "reg": reg, "lr": lr, "label_lr": label_lr, "schedule": schedule,
               "schedule_steps": max(steps, 1), "learn_labels": bool(learn_labels), "ipc": ipc, "target_batch": target_batch,
-              "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint}
+              "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint,
+              "target_augment": augment.describe()}
     config["adversarial"] = adv.config() if adv is not None else None
     exists = storage.exists(out)
     if exists and not resume:
@@ -215,7 +220,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     if resume:
         store = open_distilled(out, "r+")
         old = store.attrs.get("config", {})
-        diff = [k for k in RESUME_KEYS if old.get(k) != config[k]]
+        diff = [k for k in RESUME_KEYS if old.get(k, RESUME_DEFAULTS.get(k)) != config[k]]
         if diff:
             raise InputError(f"--resume: {out} was made with other settings ({', '.join(diff)} differ); "
                              "use the same flags or another --out")
@@ -253,7 +258,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     summary: dict[str, Any] = {"out": out, "kernel": spec.describe(), "n_support": int(len(rows)), "ipc": ipc,
                                "steps": steps, "start_step": start, "target_batch": target_batch, "lr": lr,
                                "label_lr": label_lr, "schedule": schedule, "reg": reg, "kss_tile": kss_tile,
-                               "learn_labels": bool(learn_labels), "workers": workers, "init": init}
+                               "learn_labels": bool(learn_labels), "workers": workers, "init": init,
+                               "target_augment": augment.describe()}
 
     if adv is not None:
         summary["adversarial"] = adv.describe()
@@ -278,10 +284,10 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     sampler = None
     ray_info: dict[str, Any] = {}
     if workers == 1 and kss_tile is None:
-        sampler = TargetSampler(data, target_batch, seed, memory_limit)
+        sampler = TargetSampler(data, target_batch, seed, memory_limit, augment)
     else:
         worker_kwargs = dict(lr=lr, reg=reg, learn_labels=learn_labels, batch=target_batch, seed=seed, parts=workers,
-                             memory_limit=memory_limit, target_transform=target_transform)
+                             memory_limit=memory_limit, target_transform=target_transform, augment=augment)
         if workers == 1:
             pool = LocalPool([ShardWorker(data_path, spec.canonical(), part=0, **worker_kwargs)])
         else:

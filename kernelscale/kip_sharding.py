@@ -28,6 +28,7 @@ from . import kip as kipmod
 from .data import open_dataset
 from .kernels import KernelSpec, kernel_fn
 from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler
+from .target_augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,18 @@ class ShardWorker:
     """One worker's share of every KIP step: target slice ``part`` of ``parts``, and K_ss tiles on request.
 
     Runs in-process (:class:`LocalPool`) or as a Ray actor (:class:`RayPool`). Holds its own sampler and
-    jitted functions; receives the support each step. ``target_transform`` is the adversarial-KIP hook.
+    jitted functions; receives the support each step. ``target_transform`` is the adversarial-KIP hook,
+    ``augment`` the target images' translations/flips (:mod:`kernelscale.target_augment`).
     """
 
     def __init__(self, data_path: str, spec_json: str, *, lr: float, reg: float, learn_labels: bool, batch: int,
                  seed: int, part: int = 0, parts: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT,
-                 target_transform: kipmod.TargetTransform | None = None):
+                 target_transform: kipmod.TargetTransform | None = None, augment: TargetAugment | None = None):
         spec = KernelSpec.from_json(spec_json)
         self.kernel = pair_kernel(spec)
         self.kip = kipmod.make_kip(self.kernel, lr=lr, reg=reg, learn_labels=learn_labels,
                                    target_transform=target_transform)
-        self.sampler = TargetSampler(open_dataset(data_path), batch, seed, memory_limit)
+        self.sampler = TargetSampler(open_dataset(data_path), batch, seed, memory_limit, augment)
         self.part, self.parts = part, parts
         self.devices = jax.local_devices()
         self._target_terms = jax.jit(lambda xs, al, xt, yt: kipmod.target_terms(self.kernel, xs, al, xt, yt))

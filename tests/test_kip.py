@@ -185,14 +185,16 @@ def _run(args: list[str], capsys) -> tuple[int, dict]:
 
 def test_cli_distill_evaluate_and_resume_is_exact(mnist_small, tmp_path, capsys, monkeypatch):
     """A run killed after its step-3 checkpoint and rerun with --resume (default cosine schedule, separate label
-    lr) ends bitwise equal to the uninterrupted run."""
+    lr, translated and flipped targets) ends bitwise equal to the uninterrupted run."""
     from kernelscale import kip_run
 
     common = [mnist_small["train"], "--arch", "fc:depth=2", "--ipc", "2", "--target-batch", "40", "--lr", "0.02",
-              "--label-lr", "0.05", "--learn-labels", "--checkpoint-every", "3", "--seed", "5", "--steps", "6"]
+              "--label-lr", "0.05", "--learn-labels", "--checkpoint-every", "3", "--seed", "5", "--steps", "6",
+              "--target-augment", "shift=1,flip"]
     full, part = str(tmp_path / "full.zarr"), str(tmp_path / "part.zarr")
     code, s = _run(["distill", *common, "--out", full, "--val", mnist_small["val"], "--eval-every", "3"], capsys)
     assert code == 0 and s["steps_done"] == 6 and s["history"]["val_step"] == [0, 3, 6] and s["schedule"] == "cosine"
+    assert s["target_augment"] == "shift=1,flip"
     assert (tmp_path / "full_images.png").stat().st_size > 0 and (tmp_path / "full_curves.png").stat().st_size > 0
     real_commit = kip_run._commit
 
@@ -205,6 +207,8 @@ def test_cli_distill_evaluate_and_resume_is_exact(mnist_small, tmp_path, capsys,
     assert main(["distill", *common, "--out", part, "--no-progress"]) == 130
     monkeypatch.setattr(kip_run, "_commit", real_commit)
     assert open_distilled(part).attrs["checkpoint"] == 3
+    other_aug = [*common[:-1], "none", "--resume", "--out", part, "--no-progress"]
+    assert main(["distill", *other_aug]) == 2 and "target_augment" in capsys.readouterr().err
     code, s2 = _run(["distill", *common, "--resume", "--out", part], capsys)
     assert code == 0 and s2["start_step"] == 3
     a, b = open_distilled(full), open_distilled(part)
@@ -276,6 +280,8 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_checkpoint(mnist_small, tmp
         (["--lr", "-1"], "--lr"),
         (["--label-lr", "0"], "--label-lr"),
         (["--kss-tile", "0"], "--kss-tile"),
+        (["--target-augment", "shift=4"], "at most shift=3"),
+        (["--target-augment", "zoom"], "--target-augment"),
     ],
 )
 def test_bad_input_refused_before_compute(mnist_small, tmp_path, capsys, extra, message):

@@ -3,8 +3,9 @@
 Learns K images per class (and optionally their labels) such that kernel ridge regression on them predicts
 DATA: loss = 1/2 ||y_t - K_ts (K_ss + reg*trace(K_ss)/n_s I)^-1 y_s||^2 averaged over class-balanced target
 batches, optimised with Adam through the analytic NTK/NNGP kernel. Writes DISTILLED.zarr, an image grid
-(<out>_images.png) and loss/accuracy curves (<out>_curves.png). Defaults: 4,000 steps, target batch 2,000,
-Adam lr 0.01 (labels too) with a cosine decay to 0 over --steps.
+(<out>_images.png) and loss/accuracy curves (<out>_curves.png). Defaults: 6,000 steps, target batch 2,000,
+Adam lr 0.01 (labels too) with a cosine decay to 0 over --steps, target images randomly translated by up
+to 1/16 of the image side, 2 pixels at 32x32 (--target-augment auto).
 A non-finite loss stops the run with exit code 3 and keeps the last good checkpoint.
 --adversarial linf:EPS|l2:EPS (adversarial KIP) replaces each target batch (or a fraction --adv-mix of its rows)
 by PGD examples against the current support (--pgd-steps steps in pixel space), see kernelscale.adversarial_kip.
@@ -23,7 +24,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fc", metavar="SPEC", help="architecture, e.g. fc:depth=3 (default fc)")
     p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
     p.add_argument("--ipc", type=int, default=10, metavar="K", help="support images per class (default 10)")
-    p.add_argument("--steps", type=int, default=4000, metavar="S", help="total KIP steps (default 4000)")
+    p.add_argument("--steps", type=int, default=6000, metavar="S", help="total KIP steps (default 6000)")
     p.add_argument("--target-batch", type=int, default=2000, metavar="B", help="target rows per step (default 2000)")
     p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="Adam learning rate (default 0.01)")
     p.add_argument("--label-lr", type=float, default=None, metavar="LR",
@@ -43,6 +44,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     p.add_argument("--kss-tile", type=int, default=None, metavar="T",
                    help="compute K_ss in T x T tiles across the workers (large supports, e.g. 10,000 images)")
+    p.add_argument("--target-augment", default="auto", metavar="SPEC",
+                   help="translate/flip target images: auto (up to 1/16 of the image side: 2 px at 32x32; none for "
+                        "non-image rows), none, or a comma list of shift=K and flip, e.g. shift=2,flip (flip only "
+                        "for mirror-symmetric classes)")
     p.add_argument("--out", required=True, metavar="DISTILLED.zarr")
     p.add_argument("--adversarial", metavar="linf:EPS|l2:EPS",
                    help="adversarial KIP: replace target batches by PGD examples (pixel-space ball) against the support")
@@ -59,5 +64,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers, seed=args.seed, init=args.init, gram=args.gram, val=args.val,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, adversarial=args.adversarial, pgd_steps=args.pgd_steps,
-        adv_mix=args.adv_mix,
+        adv_mix=args.adv_mix, target_augment=args.target_augment,
     )
