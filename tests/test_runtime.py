@@ -63,3 +63,15 @@ def test_import_sets_xla_flags_before_jax_starts(env, expected):
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERNELSCALE_XLA_DEFAULTS")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_scoped_environ_restores_set_and_unset_variables_even_on_error(monkeypatch):
+    from kernelscale.runtime import _scoped_environ
+
+    monkeypatch.setenv("KS_TEST_SET", "before")
+    monkeypatch.delenv("KS_TEST_UNSET", raising=False)
+    with pytest.raises(RuntimeError):
+        with _scoped_environ({"KS_TEST_SET": "inside", "KS_TEST_UNSET": "inside"}):
+            assert os.environ["KS_TEST_SET"] == os.environ["KS_TEST_UNSET"] == "inside"
+            raise RuntimeError("boom")
+    assert os.environ["KS_TEST_SET"] == "before" and "KS_TEST_UNSET" not in os.environ
