@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -75,11 +76,9 @@ def main() -> int:
     for name in args.variants.split(","):
         out = work / f"kip_{name}_s{args.seed}.zarr"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
-        cmd = CLI + ["distill", tt] + BASE + VARIANTS[name] + ["--seed", str(args.seed)] + ["--val", th, "--eval-every", "1000", "--out", str(out),
-                                                            "--json", "--no-progress"]
+        cmd = CLI + ["distill", tt] + BASE + VARIANTS[name] + [
+            "--seed", str(args.seed), "--val", th, "--eval-every", "1000", "--out", str(out), "--json", "--no-progress"]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

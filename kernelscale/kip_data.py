@@ -57,14 +57,15 @@ class TargetSampler:
         nbytes = data.n * int(np.prod(data.input_shape)) * 4
         self.x_in_memory: np.ndarray | None = None
         self._x_padded: np.ndarray | None = None  # in-memory rows with the translation margin, when augmenting
-        if nbytes <= memory_limit and data.n and self.augment.shift:
+        in_memory = nbytes <= memory_limit and data.n > 0
+        if in_memory and self.augment.shift:
             # padded once: each batch is then one gather + crop per translation instead of a pad per batch
             s, (h, w, c) = self.augment.shift, data.input_shape
             self._x_padded = np.empty((data.n, h + 2 * s, w + 2 * s, c), np.float32)
             for start, rows in data.iter_rows(8192):
                 self._x_padded[start : start + len(rows)] = self.augment.pad(rows)
             self.x_in_memory = self._x_padded[:, s:-s, s:-s]
-        elif nbytes <= memory_limit and data.n:
+        elif in_memory:
             self.x_in_memory = np.concatenate([rows for _, rows in data.iter_rows(8192)])
         log.info("target sampler: %d rows, %s", data.n, "in memory" if self.x_in_memory is not None else "read by rows")
 

@@ -9,9 +9,9 @@ Augmentation is a pure function of ``(seed, step)`` and of a row's position in t
 whole batch before it is split into shards: a resumed run and every shard of a sharded run see exactly the
 images an uninterrupted single-process run sees.
 
-Spec grammar (the flag's value): ``auto`` (default: for image rows of shape (H, W, C), ``shift=K`` with K = 1/16 of
-the smaller side, rounded: 1 pixel at 8-23, 2 at 24-39, 14 at 224, none below 8; ``none`` for other rows), ``none``, or a comma list of ``shift=K`` (translate by up to K pixels on each axis,
-reflect padding) and ``flip`` (mirror left-right with probability 1/2; only for classes that are mirror
+Spec grammar (the flag's value): ``auto`` (default: for image rows of shape (H, W, C), ``shift=K`` with K = 1/16
+of the smaller side, rounded: 1 pixel at 8-23, 2 at 24-39, 14 at 224, none below 8; ``none`` for other rows),
+``none``, or a comma list of ``shift=K`` (translate by up to K pixels on each axis, reflect padding) and ``flip`` (mirror left-right with probability 1/2; only for classes that are mirror
 symmetric, e.g. photos, not digits or text).
 """
 
@@ -87,10 +87,15 @@ class TargetAugment:
                          rng.integers(0, 2, n) if self.flip else np.zeros(n, np.int64)], axis=1)
 
     @staticmethod
-    def grouping(params: np.ndarray) -> np.ndarray:
+    def _translation(params: np.ndarray) -> np.ndarray:
+        """One integer per row naming its (dy, dx) translation."""
+        return params[:, 0] * 65536 + params[:, 1]
+
+    @classmethod
+    def grouping(cls, params: np.ndarray) -> np.ndarray:
         """A stable order of the rows that makes rows with the same translation contiguous (for :meth:`crop`,
         which then cuts each translation as one slice)."""
-        return np.argsort(params[:, 0] * 65536 + params[:, 1], kind="stable")
+        return np.argsort(cls._translation(params), kind="stable")
 
     def pad(self, x: np.ndarray) -> np.ndarray:
         """``x`` (n, H, W, C) with ``shift`` reflected pixels added on each side of H and W (a new array)."""
@@ -114,7 +119,7 @@ class TargetAugment:
         s = self.shift
         h, w = padded.shape[1] - 2 * s, padded.shape[2] - 2 * s
         out = np.empty((len(rows), h, w, padded.shape[3]), padded.dtype)
-        key = params[:, 0] * 65536 + params[:, 1]
+        key = self._translation(params)
         starts = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [len(rows)]]) if len(rows) else [0]
         for a, b in zip(starts[:-1], starts[1:]):
             dy, dx = int(params[a, 0]), int(params[a, 1])
