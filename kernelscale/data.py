@@ -147,6 +147,8 @@ def compute_statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
         if np.any(std < 1e-8):
             raise InputError("--preprocess standardize: a channel is constant (std 0); use --preprocess none")
         return AffineMap(mean=mean.astype(np.float32), scale=(1.0 / std).astype(np.float32))
+    if n < 2:
+        raise InputError(f"--preprocess zca needs at least 2 rows to estimate a covariance, got {n}")
     flat = x.reshape(n, -1)
     d = flat.shape[1]
     if d > 20000:
@@ -156,6 +158,9 @@ def compute_statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
     cov = (centred.T @ centred).compute() / n
     evals, evecs = np.linalg.eigh(cov)
     evals = np.maximum(evals, 0.0)
+    if not evals.sum() > 0:
+        raise InputError("--preprocess zca: the data is constant (zero covariance), so whitening is undefined; "
+                         "use --preprocess none")
     reg = pre.strength * evals.sum() / d
     matrix = (evecs * (evals + reg) ** -0.5) @ evecs.T
     return AffineMap(mean=mean.astype(np.float32), matrix=matrix.astype(np.float32))
@@ -241,6 +246,11 @@ def npz_source(path: str) -> ArraySource:
             )
     labels = _check_labels(data["labels"], len(images), f"{path}: labels")
     n_classes = int(labels.max()) + 1
+    if "class_names" not in data.files and n_classes > MAX_CLASSES:
+        raise InputError(f"{path}: labels out of range: the largest label is {n_classes - 1}; labels are class "
+                         f"indices 0..C-1 with at most {MAX_CLASSES} classes (relabel them, or give class_names)")
+    if "class_names" in data.files and not 1 <= len(data["class_names"]) <= MAX_CLASSES:
+        raise InputError(f"{path}: class_names has {len(data['class_names'])} entries; expected 1..{MAX_CLASSES}")
     names = [str(c) for c in data["class_names"]] if "class_names" in data.files else [str(i) for i in range(n_classes)]
     if n_classes > len(names):
         raise InputError(f"{path}: labels out of range: the largest label is {n_classes - 1} but class_names has "
@@ -375,8 +385,22 @@ def open_source(src: str, fmt: str = "auto", resize: tuple[int, int] | None = No
     else:
         source = ImageFolderSource(src, resize)
     if resize is not None and not isinstance(source, ImageFolderSource):
+        need = len(source) * resize[0] * resize[1] * source.row_shape[2] * 4
+        if need > _available_memory() // 2:
+            raise InputError(f"--resize {resize[0]}x{resize[1]} of {len(source)} in-memory rows needs "
+                             f"{need / 2**30:.1f} GiB, more than half the available memory "
+                             f"({_available_memory() / 2**30:.1f} GiB); resize to fewer pixels or use --limit")
         source = _resized(source, resize)
     return source
+
+
+def _available_memory() -> int:
+    try:
+        import psutil  # noqa: PLC0415
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _resized(source: ArraySource, size: tuple[int, int]) -> ArraySource:
@@ -400,12 +424,54 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
         raise InputError(f"--resize must be HxW (e.g. 32x32), got {text!r}") from None
     if h < 1 or w < 1:
         raise InputError(f"--resize must be positive, got {text!r}")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise InputError(f"--resize {text}: each side must be at most {MAX_SIDE} pixels")
     return h, w
+
+
+#: Largest image side --resize accepts (a 4096x4096x3 float32 row is 192 MiB).
+MAX_SIDE = 4096
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Dataset stores
 # ----------------------------------------------------------------------------------------------------------
+
+
+#: Most classes a dataset may have (ImageNet-21k has 21,841): one-hot targets are N x C.
+MAX_CLASSES = 100_000
+FIX = "ingest the data again (`kernelscale ingest SRC OUT.zarr`)"
+
+
+def check_layout(path: str, group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """Refuse a dataset store whose attributes or arrays differ from the layout in the module docstring."""
+    req = storage.require
+    req(path, attrs.get("format_version") == FORMAT_VERSION, "format_version", str(FORMAT_VERSION),
+        attrs.get("format_version"), FIX)
+    names = attrs.get("class_names")
+    req(path, isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES and all(isinstance(c, str) for c in names),
+        "class_names", f"a list of 1..{MAX_CLASSES} strings", names, FIX)
+    req(path, storage.is_int(attrs.get("n"), 0), "n", "an integer >= 0", attrs.get("n"), FIX)
+    shape = attrs.get("input_shape")
+    req(path, isinstance(shape, list) and len(shape) == 3 and all(storage.is_int(v, 1) for v in shape), "input_shape",
+        "[H, W, C] with positive integers", shape, FIX)
+    fp = attrs.get("fingerprint")
+    req(path, isinstance(fp, str) and fp.startswith("sha256:"), "fingerprint", "a 'sha256:...' string", fp, FIX)
+    pre = attrs.get("preprocess")
+    kind = pre.get("kind") if isinstance(pre, dict) else None
+    req(path, kind in ("none", "standardize", "zca"), "preprocess", "{kind: none|standardize|zca, ...}", pre, FIX)
+    n, (h, w, c) = attrs["n"], shape
+    d = h * w * c
+    expected_pre = {"none": {}, "standardize": {"mean": (c,), "scale": (c,)}, "zca": {"mean": (d,), "matrix": (d, d)}}[kind]
+    metas = storage.members(group, path)
+    allowed = {"x", "labels", "preprocess"} | {f"preprocess/{k}" for k in expected_pre}
+    storage.check_members(path, metas, lambda name, meta: name in allowed, FIX)
+    storage.check_array(path, "x", metas.get("x"), dtype="float32", shape=(n, h, w, c), chunks=(None, h, w, c),
+                        fill="NaN", fix=FIX)
+    storage.check_array(path, "labels", metas.get("labels"), dtype="int64", shape=(n,), fill=-1, fix=FIX)
+    for name, pshape in expected_pre.items():
+        storage.check_array(path, f"preprocess/{name}", metas.get(f"preprocess/{name}"), dtype="float32",
+                            shape=pshape, fill=0.0, checksum=False, fix=FIX)
 
 
 class DatasetStore:
@@ -417,6 +483,7 @@ class DatasetStore:
             raise StoreError(f"{path} is not a kernelscale dataset store (create one with `kernelscale ingest`)")
         if "x" not in group or "labels" not in group:
             raise StoreError(f"{path}: dataset store is incomplete (missing x or labels); ingest it again")
+        check_layout(str(path), group, attrs)
         self.path = str(path)
         self.group = group
         self.attrs = attrs
@@ -478,6 +545,54 @@ class DatasetStore:
                 raise StoreError(f"{self.path}: rows have NaN/Inf values ({int(bad.sum())} rows from row {start} "
                                  f"on, first: row {start + int(np.argmax(bad))}); the store was altered after "
                                  "ingest: ingest the data again")
+
+    def check_content(self, full: bool = False, samples: int = 2, seed: int = 0) -> None:
+        """Raise StoreError when the rows, labels or preprocessing differ from what was ingested.
+
+        Compares content hashes recorded at ingest: labels and preprocessing always, and the rows of the first,
+        the last and ``samples`` random x chunks (cheap enough for every resume and solve), or with ``full`` every
+        chunk and the fingerprint itself, hashed again (``kernelscale verify``). A store ingested before content
+        hashes existed gets the full fingerprint check.
+        """
+        digests = self.attrs.get("content_sha256")
+        labels = np.asarray(self.group["labels"][...], np.int64)
+        if not isinstance(digests, dict):
+            if full or self.n * int(np.prod(self.input_shape)) * 4 <= 256 << 20:
+                self._check_fingerprint(labels)
+            return
+        chunks = digests.get("x_chunks")
+        rows = int(self.x.chunks[0])
+        if not isinstance(chunks, list) or len(chunks) != -(-self.n // rows):
+            raise StoreError(f"{self.path}: attribute 'content_sha256' does not cover the {-(-self.n // rows)} "
+                             f"chunks of x; the store was altered after ingest: {FIX}")
+        if _digest(labels) != digests.get("labels"):
+            raise StoreError(f"{self.path}: the labels differ from what was ingested (content hash mismatch); the "
+                             f"store was altered after ingest: {FIX}")
+        if self.affine.digest() != digests.get("affine"):
+            raise StoreError(f"{self.path}: the preprocessing arrays differ from what was ingested (content hash "
+                             f"mismatch); the store was altered after ingest: {FIX}")
+        if full:
+            picks = range(len(chunks))
+        else:
+            rng = np.random.default_rng(seed)
+            picks = sorted({0, len(chunks) - 1, *rng.integers(0, len(chunks), size=samples).tolist()}) if chunks else []
+        for k in picks:
+            a, b = k * rows, min(self.n, (k + 1) * rows)
+            try:
+                values = self.rows(a, b)
+            except ValueError as exc:
+                raise StoreError(f"{self.path}: rows {a}..{b - 1} are corrupt ({exc}); {FIX}") from exc
+            if _digest(values) != chunks[k]:
+                raise StoreError(f"{self.path}: rows {a}..{b - 1} differ from what was ingested (content hash of x "
+                                 f"chunk {k} does not match); the store was altered after ingest: {FIX}")
+        if full:
+            self._check_fingerprint(labels)
+
+    def _check_fingerprint(self, labels: np.ndarray) -> None:
+        pre_json = self.attrs.get("preprocess")
+        if _fingerprint(self.x, labels, pre_json, self.affine) != self.fingerprint:
+            raise StoreError(f"{self.path}: its rows, labels or preprocessing no longer match its fingerprint (hashed "
+                             f"again); the store was altered after ingest: {FIX}")
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Model inputs of rows [start, stop) as float32 (stop - start, H, W, C)."""
@@ -541,6 +656,11 @@ def _fingerprint(x: zarr.Array, labels: np.ndarray, pre_json: dict[str, Any], af
     return "sha256:" + h.hexdigest()
 
 
+def _digest(values: np.ndarray) -> str:
+    """sha256 (first 32 hex digits) of an array's bytes: the per-chunk content hashes of a dataset store."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:32]
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), each sorted, with ``fraction`` of every class in val (at least 1 if possible)."""
     rng = np.random.default_rng(seed)
@@ -581,9 +701,17 @@ def _write_store(
     augment: str | None,
     progress: bool,
     desc: str,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Decode rows ``idx`` of ``source`` into a new store at ``out`` (written next to it, then renamed)."""
+    """Decode rows ``idx`` of ``source`` into a new store at ``out`` (written next to it, then renamed).
+
+    ``replace``: an existing dataset store at ``out`` is deleted only once the new one is complete (local
+    paths; on object storage before writing). A full disk is one line naming the path and the free space, and
+    the partial store is removed, so the rerun starts clean.
+    """
     local = not storage.is_url(out)
+    if replace and not local:
+        storage.remove_store(out, "dataset")
     target = out
     if local:
         parent = os.path.dirname(os.path.abspath(out)) or "."
@@ -611,8 +739,11 @@ def _write_store(
             labels = np.concatenate([labels, labels])
         affine = stats if stats is not None else compute_statistics(raw, pre)
         x = storage.checksummed_array(group, "x", (n, *row_shape), (chunk, *row_shape), "float32", np.nan)
+        chunk_digests: list[str] = []
         for start in range(0, n, block):
-            x[start : start + block] = affine.apply(np.asarray(raw[start : start + block], np.float32)).astype(np.float32)
+            values = affine.apply(np.asarray(raw[start : start + block], np.float32)).astype(np.float32)
+            x[start : start + block] = values
+            chunk_digests += [_digest(values[a : a + chunk]) for a in range(0, len(values), chunk)]
         del group["_pixels"]
         lab = storage.checksummed_array(group, "labels", (n,), (max(n, 1),), "int64", -1)
         lab[...] = labels
@@ -622,6 +753,8 @@ def _write_store(
         fingerprint = _fingerprint(x, labels, pre_json, affine)
         group.attrs.update(
             {
+                "content_sha256": {"x_chunks": chunk_digests, "labels": _digest(np.asarray(labels, np.int64)),
+                                   "affine": affine.digest()},
                 "kernelscale": "dataset",
                 "format_version": FORMAT_VERSION,
                 "class_names": list(source.class_names),
@@ -636,10 +769,14 @@ def _write_store(
             }
         )
         if local:
+            if replace and storage.exists(out):
+                storage.remove_store(out, "dataset")
             os.replace(target, out)
-    except BaseException:
+    except BaseException as exc:
         if local:
             shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, OSError) and storage.is_disk_full(exc):
+            raise storage.disk_full_error(out, "writing the dataset store (nothing of it was kept)") from None
         raise
     return {"path": out, "n": n, "input_shape": list(row_shape), "num_classes": len(source.class_names),
             "counts": counts, "fingerprint": fingerprint, "preprocess": pre_json, "_affine": affine}
@@ -682,8 +819,13 @@ def ingest(
     for path in filter(None, (out, val_out)):
         if storage.exists(path) and not overwrite:
             raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another OUT")
+        storage.check_replaceable(path, "dataset")  # --overwrite replaces only a kernelscale dataset store
     if val_out and os.path.abspath(val_out) == os.path.abspath(out):
         raise InputError("--val-out must differ from OUT")
+    src_path = None if src in BUILTINS and not os.path.exists(src) else src
+    storage.check_disjoint(out, [("SRC", src_path), ("--stats-from", stats_from), ("--val-out", val_out)], "OUT")
+    if val_out:
+        storage.check_disjoint(val_out, [("SRC", src_path), ("--stats-from", stats_from)], "--val-out")
     stats: AffineMap | None = None
     if stats_from:
         ref = open_dataset(stats_from)
@@ -712,13 +854,11 @@ def ingest(
         if val_fraction > 0:
             tr, va = stratified_split(source.labels[idx], val_fraction, seed)
             idx, val_idx = idx[tr], idx[va]
-        if overwrite:
-            for path in filter(None, (out, val_out)):
-                storage.remove(path)
-        summary = _write_store(out, source, idx, pre, stats, stats_from, augment, progress, "ingest")
+        summary = _write_store(out, source, idx, pre, stats, stats_from, augment, progress, "ingest", overwrite)
         affine = summary.pop("_affine")
         if val_out:
-            val = _write_store(val_out, source, val_idx, pre, affine, summary["fingerprint"], None, progress, "val")
+            val = _write_store(val_out, source, val_idx, pre, affine, summary["fingerprint"], None, progress, "val",
+                               overwrite)
             val.pop("_affine")
             summary["val"] = val
     finally:

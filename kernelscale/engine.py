@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -33,7 +34,8 @@ import numpy as np
 from . import kernels, storage
 from .data import DatasetStore, open_dataset
 from .errors import InputError, KernelscaleError, StoreError
-from .gram_store import GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram
+from .gram_store import (LOCK_GROUP, GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram,
+                         reset_gram)
 from .tiles import TilePlan, sub_block_size, sub_blocks, tile_entries
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,47 @@ def default_sub_block(tile: int, symmetric: bool) -> int:
     return tile
 
 
+def check_tile(tile: int, n: int, m: int, dtype: str) -> None:
+    """Refuse a tile side below 1, above the matrix's longer side, or whose tile buffers (three per worker: the
+    tile computed, the one being written, the store's encode copy) exceed the available memory."""
+    if not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise InputError(f"--tile must be an integer >= 1, got {tile}")
+    if tile > max(n, m):
+        raise InputError(f"--tile {tile} is larger than the matrix ({n} x {m}); use --tile {max(n, m)} or less "
+                         "(or leave it out for the default)")
+    need = 3 * tile * tile * np.dtype(dtype).itemsize
+    if need > available_memory():
+        raise InputError(f"--tile {tile} needs {need / 2**30:.1f} GiB per worker for its tile buffers but "
+                         f"{available_memory() / 2**30:.1f} GiB are available; use a smaller --tile")
+
+
+def _claim_store(out: str, overwrite: bool) -> GramLock:
+    """The driver lock of the Gram store at ``out``, taken before anything is created in it.
+
+    Refuses a path that holds anything but a kernelscale Gram store or the empty group an interrupted first run
+    left; creates that empty root group when nothing is there, then takes the lock (an exclusive create of its
+    key), so of two concurrent first runs one gets the store and the other a clear refusal. The caller re-checks
+    the store's attributes under the lock (``lock.group``) and creates or validates the Gram there.
+    """
+    if storage.exists(out) and storage.store_kind(out) != "":
+        storage.check_replaceable(out, "gram")
+    group = storage.open_group(out, "a")
+    if dict(group.attrs).get("kernelscale") is None:
+        extra = [name for name in storage.members(group, out) if name.split("/")[0] not in (LOCK_GROUP, "_progress")]
+        if extra:
+            raise StoreError(f"{out} is a Zarr group that is not a kernelscale store (it holds {extra[0]!r}); "
+                             "kernelscale replaces only its own stores: choose another --out")
+    return GramLock(group, path=out).acquire()
+
+
 def _spec_and_fn(spec_or_kernel_fn: Any, kernel_id: str | None, get: str) -> tuple[dict[str, Any], Any]:
     """(spec JSON, thing the worker builds its kernel from): a KernelSpec or a user kernel_fn callable."""
     if isinstance(spec_or_kernel_fn, kernels.KernelSpec):
+        if spec_or_kernel_fn.arch == "code" and not kernels.code_allowed(spec_or_kernel_fn):
+            kernels.load_spec(spec_or_kernel_fn.to_json(), where="compute_gram's spec")  # raises: needs allow_code
         return spec_or_kernel_fn.to_json(), None
     if isinstance(spec_or_kernel_fn, (str, dict)):
-        spec = kernels.KernelSpec.from_json(spec_or_kernel_fn)
+        spec = kernels.load_spec(spec_or_kernel_fn, where="compute_gram's spec")
         return spec.to_json(), None
     if callable(spec_or_kernel_fn):
         if not kernel_id:
@@ -114,6 +151,7 @@ def _open_data(data: str | DatasetStore, what: str) -> DatasetStore:
     if store.n == 0:
         raise InputError(f"{what} {store.path} has no rows")
     store.check_rows()  # NaN/Inf or corrupt rows are refused before any compute
+    store.check_content()  # rows edited behind the fingerprint's back are refused too (sampled chunks)
     return store
 
 
@@ -184,6 +222,8 @@ class GramWorker:
         cfg = self.config
         if cfg["dtype"] == "float64":
             jax.config.update("jax_enable_x64", True)
+        if cfg.get("allow_code"):  # the driver was given --allow-code: re-check the source hash in this process
+            kernels.load_spec(cfg["spec"], allow_code=True, where=cfg["out"])
         self.store = open_gram(cfg["out"], "r+")
         self.data = {"rows": open_dataset(cfg["data"])}
         self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
@@ -354,9 +394,9 @@ def compute_gram(
     symmetric = cols is None
     n, m = rows.n, (cols.n if cols is not None else rows.n)
     if tile is None:
-        tile = int(open_gram(out).tile) if storage.exists(out) and not overwrite else default_tile(n, m, symmetric)
-    if tile < 1:
-        raise InputError(f"--tile must be >= 1, got {tile}")
+        resume = not overwrite and storage.exists(out) and storage.store_kind(out) == "gram"
+        tile = int(open_gram(out).tile) if resume else default_tile(n, m, symmetric)
+    check_tile(tile, n, m, dtype)
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     if max_tiles is not None and max_tiles < 0:
@@ -396,24 +436,20 @@ def compute_gram(
                  "against_path": _abspath(cols.path) if cols is not None else None,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
 
-    existing = storage.exists(out)
-    if existing and not overwrite:
-        store = open_gram(out)
-        if store.fingerprint != fingerprint or store.tile != tile or list(store.shape) != [n, m]:
-            diffs = _describe_mismatch(store.attrs, want)
-            raise StoreError(
-                f"{out} holds a different Gram: {'; '.join(diffs) or 'fingerprint differs'}. Pass --overwrite to "
-                "replace it, or choose another --out"
-            )
-    elif not existing:
-        store = create_gram(out, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric, attrs=new_attrs)
-
-    lock = GramLock(open_gram(out, "r+")).acquire()
+    storage.check_disjoint(out, [("DATA", rows.path), ("--against", cols.path if cols is not None else None)], "--out")
+    lock = _claim_store(out, overwrite)
     try:
-        if existing and overwrite:
-            storage.remove(out)
-            create_gram(out, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric, attrs=new_attrs)
-            lock.rewrite()
+        if dict(lock.group.attrs).get("kernelscale") == "gram" and not overwrite:  # re-checked under the lock
+            store = open_gram(out)
+            if store.fingerprint != fingerprint or store.tile != tile or list(store.shape) != [n, m]:
+                diffs = _describe_mismatch(store.attrs, want)
+                raise StoreError(
+                    f"{out} holds a different Gram: {'; '.join(diffs) or 'fingerprint differs'}. Pass --overwrite to "
+                    "replace it, or choose another --out"
+                )
+        else:
+            reset_gram(lock.group)
+            create_gram(out, n=n, m=m, tile=tile, dtype=dtype, symmetric=symmetric, attrs=new_attrs, group=lock.group)
         store = open_gram(out, "r+")
         t_plan = time.perf_counter()
         done = store.done_tiles()
@@ -421,6 +457,7 @@ def compute_gram(
         plan_seconds = time.perf_counter() - t_plan
         config = {"out": out, "data": rows.path, "against": cols.path if cols is not None else None,
                   "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks,
+                  "allow_code": spec_json["arch"] == "code",
                   "input_shape": list(rows.input_shape)}
         log.info("%s: %d tiles, %d present, %d to compute (tile %d, kernel calls %d x %d, %.0f MiB budget)",
                  out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
@@ -506,12 +543,26 @@ def _merge_runs(run: dict[str, Any], again: dict[str, Any]) -> None:
         run["tile_seconds"][part] = run["tile_seconds"].get(part, 0.0) + value
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _worker_error(exc: Any, what: str) -> KernelscaleError:
-    """A worker's RayTaskError as the error to raise: its own KernelscaleError (one line), else ``what``."""
-    cause = exc.as_instanceof_cause()
+    """A worker's RayTaskError as one line: the original KernelscaleError's own message (same class, so the
+    same exit code), else ``what: ExceptionType: first line of its message``; never Ray's traceback or ANSI codes."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and storage.is_disk_full(cause) and not isinstance(cause, KernelscaleError):
+        return KernelscaleError(f"{what}: {one_line(cause)}")
     if isinstance(cause, KernelscaleError):
-        return type(cause)(str(cause).splitlines()[-1])
-    return KernelscaleError(f"{what}: {exc}")
+        return type(cause)(one_line(cause))
+    if isinstance(cause, BaseException):
+        return KernelscaleError(f"{what}: {type(cause).__name__}: {one_line(cause)}")
+    return KernelscaleError(f"{what}: {one_line(exc)}")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without ANSI colour codes."""
+    lines = [ln.strip() for ln in ANSI_ESCAPE.sub("", str(exc)).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _abspath(path: str) -> str:
@@ -672,17 +723,22 @@ def gram_status(path: str) -> dict[str, Any]:
 
 
 def verify_gram(path: str, *, repair: bool = False, progress: bool = True, workers: int | None = None,
-                address: str | None = None, kernel_fn: Any = None) -> dict[str, Any]:
+                address: str | None = None, kernel_fn: Any = None, allow_code: bool = False) -> dict[str, Any]:
     """Check every tile: present, checksum-valid, finite, diagonal tiles exactly symmetric.
 
     With ``repair``, bad tiles are deleted and recomputed from the dataset store(s) recorded in the attributes
-    (``kernel_fn`` must be passed again for Grams of a user callable). ``ok`` is True when all tiles are good
+    (``kernel_fn`` must be passed again for Grams of a user callable; a Gram of user code needs ``allow_code``,
+    checked before any tile is touched). The dataset store(s) it was built from, when present, are checked in
+    full against their fingerprints. ``ok`` is True when all tiles are good
     (after repair, if requested).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     t0 = time.perf_counter()
     store = open_gram(path)
+    spec = store.attrs["spec"]
+    if repair and spec.get("arch") != "callable":  # user code only by --allow-code, refused before any work
+        kernels.load_spec(spec, allow_code=allow_code, where=path)
     grid = store.grid
     done = store.done_tiles()
     bad: dict[tuple[int, int], str] = {}
@@ -702,14 +758,19 @@ def verify_gram(path: str, *, repair: bool = False, progress: bool = True, worke
         "tiles_bad": len(bad), "bad": [{"tile": list(k), "problem": v} for k, v in sorted(bad.items())][:100],
         "repaired": 0, "ok": not bad,
     }
+    summary["data"] = _verify_data(store)
+    if any(not d["ok"] for d in summary["data"]):
+        summary["ok"] = False
     if bad and repair:
         attrs = store.attrs
-        spec = attrs["spec"]
         data_path = attrs.get("data_path")
         if not data_path or not storage.exists(data_path):
             raise StoreError(f"{path}: cannot repair: the dataset store it was built from ({data_path}) is not there")
         if spec.get("arch") == "callable" and kernel_fn is None:
             raise InputError(f"{path} was built from a user kernel_fn; pass it again (verify_gram(..., kernel_fn=f))")
+        changed = [d for d in summary["data"] if not d["ok"]]
+        if changed:
+            raise StoreError(f"cannot repair {path}: {changed[0]['problem']}; re-ingest the data and recompute the Gram")
         writable = open_gram(path, "r+")
         for ij in bad:
             if ij in done:
@@ -721,7 +782,32 @@ def verify_gram(path: str, *, repair: bool = False, progress: bool = True, worke
                               tiles=sorted(bad))
         summary["repaired"] = result["tiles_computed"]
         recheck = verify_gram(path, repair=False, progress=False)
-        summary["ok"] = recheck["ok"]
+        summary["ok"] = recheck["ok"] and all(d["ok"] for d in summary["data"])
         summary["tiles_bad_after_repair"] = recheck["tiles_bad"]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+def _verify_data(store: GramStore) -> list[dict[str, Any]]:
+    """Full content check of the dataset store(s) a Gram records (rows, labels, preprocessing hashed again and
+    compared with the fingerprint the Gram was built from). Stores no longer there are reported, not checked."""
+    out = []
+    for key, fp_key in (("data_path", "data_fingerprint"), ("against_path", "against_fingerprint")):
+        path = store.attrs.get(key)
+        if not path:
+            continue
+        record: dict[str, Any] = {"path": path, "ok": True, "checked": False}
+        if storage.exists(path):
+            try:
+                ds = open_dataset(path)
+                if ds.fingerprint != store.attrs.get(fp_key):
+                    raise StoreError(f"{path} is now another dataset (fingerprint {ds.fingerprint[:19]}...) than "
+                                     f"the Gram was built from ({str(store.attrs.get(fp_key))[:19]}...)")
+                ds.check_content(full=True)
+                record["checked"] = True
+            except StoreError as exc:
+                record.update(ok=False, checked=True, problem=str(exc))
+        else:
+            record["problem"] = "not there (not checked)"
+        out.append(record)
+    return out

@@ -79,6 +79,47 @@ class TileGrid:
         return rows * (rows + 1) // 2 if self.symmetric else rows * cols
 
 
+FIX = "recompute it with `kernelscale gram ... --overwrite` (or `kernelscale verify --repair` for bad tiles)"
+
+
+def check_layout(path: str, group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """Refuse a Gram store whose attributes or arrays differ from the layout in the module docstring.
+
+    Every attribute the readers use is type- and range-checked, the fingerprint is recomputed from the recorded
+    spec, dtype, data fingerprints and versions, and ``gram`` must be (n, m) of that dtype in (tile, tile)
+    chunks with NaN fill and crc32c. Only ``gram`` and the ``_lock`` group may exist.
+    """
+    req = storage.require
+    req(path, attrs.get("format_version") == FORMAT_VERSION, "format_version", str(FORMAT_VERSION),
+        attrs.get("format_version"), FIX)
+    shape = attrs.get("shape")
+    req(path, isinstance(shape, list) and len(shape) == 2 and all(storage.is_int(v, 1) for v in shape), "shape",
+        "[N, M] with N, M >= 1", shape, FIX)
+    req(path, storage.is_int(attrs.get("tile"), 1), "tile", "an integer >= 1", attrs.get("tile"), FIX)
+    req(path, isinstance(attrs.get("symmetric"), bool) and (not attrs.get("symmetric") or shape[0] == shape[1]),
+        "symmetric", "true (square store) or false", attrs.get("symmetric"), FIX)
+    req(path, attrs.get("dtype") in ("float32", "float64"), "dtype", "float32 or float64", attrs.get("dtype"), FIX)
+    spec = attrs.get("spec")
+    req(path, isinstance(spec, dict) and isinstance(spec.get("arch"), str) and isinstance(spec.get("params", {}), dict)
+        and spec.get("kernel", "ntk") in ("ntk", "nngp"), "spec", "a kernel spec {arch, params, kernel}", spec, FIX)
+    for key, optional in (("fingerprint", False), ("data_fingerprint", False), ("against_fingerprint", True)):
+        value = attrs.get(key)
+        req(path, (optional and value is None) or (isinstance(value, str) and value.startswith("sha256:")), key,
+            "a 'sha256:...' string" + (" or null" if optional else ""), value, FIX)
+    req(path, isinstance(attrs.get("versions"), dict), "versions", "a {library: version} object",
+        attrs.get("versions"), FIX)
+    expected = gram_fingerprint(json.dumps(spec, sort_keys=True), attrs["dtype"], attrs["data_fingerprint"],
+                                attrs.get("against_fingerprint"), attrs["versions"])
+    req(path, attrs["fingerprint"] == expected, "fingerprint",
+        f"{expected[:19]}... (the hash of its recorded spec, dtype, data and versions)", attrs["fingerprint"], FIX)
+    metas = storage.members(group, path)
+    storage.check_members(path, metas, lambda name, meta: name == "gram" or (name in (LOCK_GROUP, "_progress") and
+                                                                             meta.get("node_type") == "group"), FIX)
+    tile = attrs["tile"]
+    storage.check_array(path, "gram", metas.get("gram"), dtype=attrs["dtype"], shape=tuple(shape),
+                        chunks=(tile, tile), fill="NaN", fix=FIX)
+
+
 class GramStore:
     """An opened Gram store. ``block``/``diag``/``to_numpy`` raise on missing or corrupt tiles."""
 
@@ -86,6 +127,7 @@ class GramStore:
         attrs = dict(group.attrs)
         if attrs.get("kernelscale") != "gram" or "gram" not in group:
             raise StoreError(f"{path} is not a kernelscale Gram store (create one with `kernelscale gram`)")
+        check_layout(str(path), group, attrs)
         self.path = str(path)
         self.group = group
         self.attrs = attrs
@@ -207,15 +249,32 @@ def _range(sel: slice | tuple[int, int], size: int) -> tuple[int, int]:
     return int(start), int(stop)
 
 
-def create_gram(path: str, *, n: int, m: int, tile: int, dtype: str, symmetric: bool, attrs: dict[str, Any]) -> GramStore:
-    """Create an empty Gram store (driver only). ``attrs`` must hold ``spec`` and ``fingerprint``."""
-    group = storage.open_group(path, "w")
-    storage.checksummed_array(group, "gram", (n, m), (tile, tile), dtype, np.nan)
+def create_gram(path: str, *, n: int, m: int, tile: int, dtype: str, symmetric: bool, attrs: dict[str, Any],
+                group: zarr.Group | None = None) -> GramStore:
+    """Create an empty Gram store (driver only). ``attrs`` must hold ``spec`` and ``fingerprint``.
+
+    Without ``group`` the store is created exclusively at ``path`` (refused when anything is there); with it,
+    the array is created inside that (locked, empty) group and refused when one exists already.
+    """
+    if group is None:
+        group = storage.open_group(path, "w-")
+    try:
+        storage.checksummed_array(group, "gram", (n, m), (tile, tile), dtype, np.nan)
+    except zarr.errors.ContainsArrayError as exc:
+        raise StoreError(f"{path}: another run created the Gram array meanwhile; rerun to resume it") from exc
     group.attrs.update(
         {"kernelscale": "gram", "format_version": FORMAT_VERSION, "tile": tile, "dtype": dtype,
          "symmetric": symmetric, "shape": [n, m]} | attrs
     )
     return GramStore(path, group)
+
+
+def reset_gram(group: zarr.Group) -> None:
+    """Empty a Gram store for ``--overwrite`` under its lock: delete the ``gram`` array (its tiles) and the
+    attributes; the ``_lock`` group stays, so the driver keeps holding the store."""
+    if "gram" in group:
+        del group["gram"]
+    group.attrs.put({})
 
 
 def open_gram(path: str, mode: str = "r") -> GramStore:
@@ -255,9 +314,10 @@ class GramLock:
     ``lease_seconds``, so a crashed driver never blocks the rerun that resumes its work.
     """
 
-    def __init__(self, store: GramStore | zarr.Group, lease_seconds: float = LEASE_SECONDS):
+    def __init__(self, store: GramStore | zarr.Group, lease_seconds: float = LEASE_SECONDS, path: str | None = None):
         group = store.group if isinstance(store, GramStore) else store
-        self.path = store.path if isinstance(store, GramStore) else str(group.store)
+        self.group = group
+        self.path = path or (store.path if isinstance(store, GramStore) else str(group.store))
         self._store = group.store
         self._dir = (group.path + "/" if group.path else "") + LOCK_GROUP
         self._key = self._dir + "/zarr.json"

@@ -16,6 +16,8 @@ import importlib
 import inspect
 import json
 import logging
+import math
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -135,30 +137,134 @@ def parse_arch(text: str, kernel: str = "ntk", *, allow_code: bool = False) -> K
     return KernelSpec(name, params, kernel)
 
 
+#: Largest ``depth`` of an fc/convnet spec (deeper kernels only repeat a layer's map; a huge depth would hang).
+MAX_DEPTH = 100
+
+
 def _validate(name: str, params: dict[str, Any]) -> None:
     if name == "fc" and params["activation"] not in ACTIVATIONS:
         raise InputError(f"--arch fc: activation must be one of {', '.join(ACTIVATIONS)}")
     if name == "myrtle" and params["depth"] not in MYRTLE_LAYERS:
         raise InputError(f"--arch myrtle: depth must be one of {sorted(MYRTLE_LAYERS)}")
-    if params.get("depth", 1) < 1:
-        raise InputError(f"--arch {name}: depth must be >= 1")
-    if params.get("W_std", 1.0) <= 0 or params.get("b_std", 0.0) < 0:
+    if not 1 <= params.get("depth", 1) <= MAX_DEPTH:
+        raise InputError(f"--arch {name}: depth must be in 1..{MAX_DEPTH}, got {params.get('depth')}")
+    w_std, b_std = params.get("W_std", 1.0), params.get("b_std", 0.0)
+    if not (math.isfinite(w_std) and math.isfinite(b_std)):
+        raise InputError(f"--arch {name}: W_std and b_std must be finite numbers, got W_std={w_std}, b_std={b_std}")
+    if w_std <= 0 or b_std < 0:
         raise InputError(f"--arch {name}: need W_std > 0 and b_std >= 0")
 
 
+#: Canonical specs of user code this process may import: added only by ``parse_arch(..., allow_code=True)`` and
+#: ``load_spec(..., allow_code=True)`` after the source hash matched. ``network`` refuses any other code spec.
+_ALLOWED_CODE: set[str] = set()
+
+
+def _source_digest(target: str) -> str:
+    """sha256 (first 16 hex digits) of the source file of ``module`` in ``module:function``, read without importing
+    the module (its parent packages are imported to find it). The same text ``inspect.getsource`` returns."""
+    import importlib.util  # noqa: PLC0415
+    import tokenize  # noqa: PLC0415
+
+    module = target.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise InputError(f"--arch {target}: cannot find module {module!r}: {exc}") from None
+    origin = getattr(found, "origin", None)
+    if found is None or not origin or not str(origin).endswith(".py") or not os.path.isfile(origin):
+        raise InputError(f"--arch {target}: no Python source file for module {module!r} (user code must be a .py "
+                         "module on the Python path)")
+    with tokenize.open(origin) as f:
+        source = f.read()
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def _code_spec(module: str, function: str, kernel: str) -> KernelSpec:
+    target = f"{module}:{function}"
+    digest = _source_digest(target)  # hashed before the import runs it, so the hash names the code that runs
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise InputError(f"--arch {module}:{function}: cannot import {module!r}: {exc}") from exc
+        raise InputError(f"--arch {target}: cannot import {module!r}: {exc}") from exc
     if not callable(getattr(mod, function, None)):
-        raise InputError(f"--arch {module}:{function}: {module!r} has no callable {function!r}")
+        raise InputError(f"--arch {target}: {module!r} has no callable {function!r}")
+    spec = KernelSpec("code", {"target": target, "source_sha256": digest}, kernel)
+    _ALLOWED_CODE.add(spec.canonical())
+    return spec
+
+
+def load_spec(obj: Any, *, allow_code: bool = False, where: str = "the store") -> KernelSpec:
+    """A kernel spec read from a store (untrusted input), checked like one typed on the command line.
+
+    Built-in architectures: known name, known parameters of the right types and in range (finite stds, depth
+    bounded). A ``code`` spec is refused unless ``allow_code`` (the command's ``--allow-code``), and then only when
+    the module's current source matches the recorded ``source_sha256``; nothing is imported before that.
+    """
     try:
-        source = inspect.getsource(mod)
-    except (OSError, TypeError):
-        source = module
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return KernelSpec("code", {"target": f"{module}:{function}", "source_sha256": digest}, kernel)
+        spec = KernelSpec.from_json(obj)
+        if not (isinstance(spec.arch, str) and isinstance(spec.params, dict) and isinstance(spec.kernel, str)):
+            raise TypeError("arch/params/kernel of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{where}: its kernel spec is malformed ({exc}): {str(obj)[:120]}") from None
+    if spec.kernel not in KERNELS:
+        raise InputError(f"{where}: its kernel spec names kernel {spec.kernel!r}; expected one of {', '.join(KERNELS)}")
+    if spec.arch == "code":
+        target, digest = spec.params.get("target"), spec.params.get("source_sha256")
+        module, _, function = str(target).partition(":")
+        if (set(spec.params) != {"target", "source_sha256"} or not isinstance(digest, str)
+                or not all(p.isidentifier() for p in module.split(".")) or not function.isidentifier()):
+            raise InputError(f"{where}: its kernel spec names user code in a malformed way: {spec.params}")
+        if not allow_code:
+            raise InputError(f"{where} was computed with user code ({target}); kernelscale imports it only when the "
+                             "command is given --allow-code (API: allow_code=True): pass it only if you trust that code")
+        actual = _source_digest(target)
+        if actual != digest:
+            raise InputError(f"{where}: user code {target} has changed since the store was made (source sha256 "
+                             f"{actual} != recorded {digest}); refusing to run other code than the store was built "
+                             "with: restore that code, or recompute the store with the current one")
+        _ALLOWED_CODE.add(spec.canonical())
+        return spec
+    if spec.arch == "callable":
+        raise InputError(f"{where} was computed from a user kernel_fn callable; pass that function again (Python API)")
+    if spec.arch not in ARCH_DEFAULTS:
+        raise InputError(f"{where}: its kernel spec names unknown architecture {spec.arch!r}; known: "
+                         f"{', '.join(ARCH_DEFAULTS)}")
+    defaults = ARCH_DEFAULTS[spec.arch]
+    params = dict(defaults)
+    for key, value in spec.params.items():
+        default = defaults.get(key)
+        ok = key in defaults and (isinstance(value, bool) if isinstance(default, bool) else
+                                  isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
+                                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  if isinstance(default, float) else isinstance(value, str))
+        if not ok:
+            raise InputError(f"{where}: its kernel spec has parameter {key}={value!r}; expected one of "
+                             f"{', '.join(f'{k} ({type(v).__name__})' for k, v in defaults.items())}")
+        params[key] = value  # the stored value itself: a complete stored spec keeps its canonical form
+    try:
+        _validate(spec.arch, params)
+    except InputError as exc:
+        raise InputError(f"{where}: its kernel spec is out of range: {exc}") from None
+    return KernelSpec(spec.arch, params, spec.kernel)
+
+
+def code_allowed(spec: KernelSpec) -> bool:
+    """Whether this process may import the user code of a ``code`` spec (see :func:`load_spec`)."""
+    return spec.canonical() in _ALLOWED_CODE
+
+
+def _code_network(spec: KernelSpec) -> tuple[Callable, Callable, KernelFn]:
+    """The ``stax`` triple of a ``code`` spec, only after ``--allow-code`` checked its source hash in this process."""
+    target = str(spec.params.get("target"))
+    if not code_allowed(spec):
+        raise InputError(f"the kernel spec names user code ({target}); it is imported only with --allow-code "
+                         "(API: parse_arch(..., allow_code=True) or load_spec(..., allow_code=True))")
+    module, _, function = target.partition(":")
+    out = getattr(importlib.import_module(module), function)()
+    if isinstance(out, tuple) and len(out) == 3:
+        return out
+    raise InputError(f"--arch {target}: the function must return a stax (init_fn, apply_fn, kernel_fn) triple")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,11 +399,7 @@ def network(spec: KernelSpec, width: int = 512, out_dim: int = 1, *, fast: bool 
         layers += [stax.Flatten(), stax.Dense(out_dim, W_std=p["W_std"], b_std=p["b_std"])]
         return stax.serial(*layers)
     if spec.arch == "code":
-        module, _, function = p["target"].partition(":")
-        out = getattr(importlib.import_module(module), function)()
-        if isinstance(out, tuple) and len(out) == 3:
-            return out
-        raise InputError(f"--arch {p['target']}: the function must return a stax (init_fn, apply_fn, kernel_fn) triple")
+        return _code_network(spec)
     raise InputError(f"unknown architecture {spec.arch!r}")
 
 
