@@ -14,10 +14,12 @@ import importlib
 from typing import Any
 
 from .runtime import configure_xla as _configure_xla
+from .runtime import install_nt_stub as _install_nt_stub
 
 __version__ = "0.1.0"
 
 _configure_xla()  # XLA CPU flags, before JAX creates its backend (see kernelscale.runtime.XLA_CPU_FLAGS)
+_install_nt_stub()  # user code may `import neural_tangents.stax` without tensorflow (see runtime.install_nt_stub)
 
 _EXPORTS = {
     "ingest": "kernelscale.data",

@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import build_parser
+from .cli import HelpFormatter, build_parser
 
 HEADER = """# CLI reference
 
 Generated from the argument parsers by `python -m kernelscale.cli_reference > docs/cli.md`
 (`tests/test_cli_reference.py` fails when this file is out of date). Every subcommand also takes
 `--json` (one JSON summary object as the last line of stdout), `-v` and `--no-progress`.
-Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 1 anything else.
+Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM), 1 anything else. An interrupted command says how to continue: rerun it (`gram`, `verify`, `demo`),
+or rerun it with `--resume` (`distill`; `solve` with `--checkpoint`).
 """
 
 
@@ -24,7 +26,7 @@ def render() -> str:
     parts = [HEADER]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     for name, p in sub.choices.items():
-        p.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
+        p.formatter_class = lambda prog: HelpFormatter(prog, width=100)
         text = p.format_help().replace("usage: kernelscale", "kernelscale", 1)
         parts.append(f"## `kernelscale {name}`\n\n```text\n{text.rstrip()}\n```\n")
     return "\n".join(parts)

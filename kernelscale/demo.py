@@ -79,12 +79,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from .runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    out = opts.out
+    out = os.path.abspath(opts.out)  # every path in the report is absolute
     os.makedirs(out, exist_ok=True)
     path = {name: os.path.join(out, name) for name in
             ("train.zarr", "val.zarr", "gram.zarr", "cross.zarr", "model.zarr", "distilled.zarr")}
     spec = parse_arch(opts.arch, opts.kernel)
-    report: dict[str, Any] = {"out": os.path.abspath(out), "arch": spec.to_json()}
+    report: dict[str, Any] = {"out": out, "arch": spec.to_json()}
 
     if not (storage.exists(path["train.zarr"]) and storage.exists(path["val.zarr"])):
         _stage(report, "ingest", lambda: ingest(
@@ -150,10 +150,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "attack": opts.attack,
     }
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    with open(os.path.join(out, "report.json"), "w") as fh:
+    report_path = os.path.join(out, "report.json")
+    with open(report_path, "w") as fh:
         json.dump(report, fh, indent=2, default=_jsonable)
-    print(f"[demo] report: {os.path.abspath(os.path.join(out, 'report.json'))}")
-    return {"report": os.path.abspath(os.path.join(out, "report.json"))} | report["summary"] | {"seconds": report["seconds"]}
+    return {"report": report_path} | report["summary"] | {"seconds": report["seconds"]}
 
 
 def matplotlib_null() -> Any:

@@ -153,12 +153,14 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
     plt.close(fig)
     hist = store.history()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(np.arange(len(hist["loss"])), hist["loss"], lw=0.8, label="target-batch loss")
+    lines = ax.plot(np.arange(len(hist["loss"])), hist["loss"], lw=0.8, label="target-batch loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log")
     if len(hist["val_step"]):
         ax2 = ax.twinx()
-        ax2.plot(hist["val_step"], hist["val_accuracy"], "o-", color="C1", label="val accuracy")
+        lines += ax2.plot(hist["val_step"], hist["val_accuracy"], "o-", color="C1", label="val accuracy")
         ax2.set_ylabel("val accuracy")
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.set_title(f"KIP: {store.attrs.get('kernel', '')} kernel, {ipc} images per class", fontsize=9)
     fig.tight_layout()
     fig.savefig(paths["curves_png"], dpi=80)
     plt.close(fig)
@@ -302,6 +304,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     bar = tqdm(total=max(0, steps - start), desc="kip", unit="step", disable=not progress)
     batches = sampler.iterate(start, steps) if sampler is not None else None
     last_good = start
+    completed = start  # steps whose update is in ``state``
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -327,7 +330,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
                 raise err
             losses.append(loss)
             state = new_state
-            done = step + 1
+            done = completed = step + 1
             bar.update(1)
             if evaluator is not None and (done % eval_every == 0 or done == steps):
                 history["loss"] = np.asarray(losses, np.float32)
@@ -336,6 +339,12 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
                 history["loss"] = np.asarray(losses, np.float32)
                 _commit(store, state, history, done)
                 last_good = done
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: keep every finished step for --resume
+        if completed > last_good:
+            history["loss"] = np.asarray(losses[:completed], np.float32)
+            _commit(store, state, history, completed)
+            log.warning("interrupted: checkpoint written at step %d of %d in %s", completed, steps, out)
+        raise
     finally:
         bar.close()
         if pool is not None:

@@ -17,6 +17,7 @@ tile from a cross Gram store (``kernelscale gram TEST.zarr --against DATA.zarr``
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -112,13 +113,26 @@ def open_operator(store: GramStore, kind: str = "zarr", *, workers: int | None =
 
 
 def _check_out(out: str) -> None:
-    if storage.exists(out):
-        try:
-            kind = dict(storage.open_group(out, "r").attrs).get("kernelscale")
-        except Exception:  # noqa: BLE001 - anything unreadable is "not a model"
-            kind = None
-        if kind != "model":
-            raise InputError(f"--out {out} exists and is not a kernelscale model store; choose another path")
+    """--out may be new or a kernelscale model store (replaced); anything else is refused."""
+    if storage.exists(out) and storage.store_kind(out) != "model":
+        raise InputError(f"--out {out} exists and is not a kernelscale model store; kernelscale replaces only its "
+                         "own model stores: choose another path")
+
+
+def check_checkpoint_path(checkpoint: str | None, resume: bool, overwrite: bool, stores: list[tuple[str, str]]) -> None:
+    """A solver checkpoint file never replaces a file of the user's: an existing one is continued (``--resume``)
+    or replaced only with ``--overwrite``, and it may not lie in or hold a store."""
+    if not checkpoint:
+        return
+    if storage.is_url(checkpoint):
+        raise InputError(f"--checkpoint {checkpoint}: the solver checkpoint is a local file; give a local path")
+    for flag, path in stores:
+        storage.check_disjoint(checkpoint, [(flag, path)], "--checkpoint")
+    if os.path.isdir(checkpoint) or os.path.islink(checkpoint):
+        raise InputError(f"--checkpoint {checkpoint} is a folder or a link; give the path of a .npz file")
+    if os.path.exists(checkpoint) and not (resume or overwrite):
+        raise InputError(f"--checkpoint {checkpoint} already exists; pass --resume to continue from it, or "
+                         "--overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +149,7 @@ def solve(
     reg_scale: str = "trace",
     tol: float = 1e-6,
     max_iter: int = 1000,
-    precond: str = "none",
+    precond: str = "nystrom",
     solver: str = "cg",
     operator: str = "zarr",
     landmarks: str = "rpcholesky",
@@ -148,6 +162,7 @@ def solve(
     workers: int | None = None,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Solve (K + r I) alpha = Y for a stored train Gram and write MODEL.zarr if it converges.
 
@@ -166,9 +181,14 @@ def solve(
     options.validate()
     if resume and not checkpoint:
         raise InputError("--resume needs --checkpoint PATH (the file a previous solve wrote)")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    storage.check_disjoint(out, [("GRAM", gram), ("--data", data)], "--out")
+    check_checkpoint_path(checkpoint, resume, overwrite, [("GRAM", gram), ("--data", data), ("--out", out)])
     ds = open_dataset(data)
     store = open_gram(gram)
     check_gram_for_data(store, ds)
+    ds.check_content()  # rows/labels edited behind the fingerprint's back are refused (sampled chunks)
     _check_out(out)
     y = ds.one_hot(centred=True).astype(np.float64)
 
@@ -184,7 +204,7 @@ def solve(
     else:
         op = open_operator(store, operator, workers=workers)
         try:
-            pre = build_preconditioner(pspec, op, reg_eff)
+            pre = build_preconditioner(pspec, op, reg_eff, progress=progress)
             bar = tqdm(total=max_iter, desc="cg", unit="it", disable=not progress)
 
             def _cb(info: dict[str, Any]) -> None:
@@ -201,7 +221,7 @@ def solve(
                 bar.close()
         finally:
             op.close()
-        summary.update({"precond": pspec.describe(), "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
+        summary.update({"precond": pspec.describe(ds.n), "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
                         "products": sol.products, "operator_seconds": round(sol.operator_seconds, 3),
                         "seconds_per_iteration": round(sol.operator_seconds / max(sol.products, 1), 4)})
     summary = {"status": sol.status, "iterations": sol.iterations, "rel_residual": sol.max_rel_residual,
@@ -220,18 +240,47 @@ def solve(
 def write_model(out: str, alpha: np.ndarray, *, store: GramStore, data: DatasetStore, summary: dict[str, Any],
                 tol: float) -> None:
     """Write MODEL.zarr (``complete`` is set last: a model cut short by a crash is refused by eval)."""
-    group = storage.open_group(out, "w")
-    arr = storage.checksummed_array(group, "alpha", alpha.shape, (min(alpha.shape[0], 65536), alpha.shape[1]),
-                                    "float64", np.nan)
-    arr[...] = alpha
-    group.attrs.update({
-        "kernelscale": "model", "format_version": MODEL_FORMAT_VERSION, "gram_fingerprint": store.fingerprint,
-        "gram_path": store.path, "data_fingerprint": data.fingerprint, "spec": store.attrs.get("spec"),
-        "num_classes": data.num_classes, "class_names": data.class_names, "tol": tol,
-        **{k: summary[k] for k in ("reg", "reg_scale", "reg_effective", "solver", "precond", "status",
-                                   "iterations", "rel_residual")},
-    })
-    group.attrs["complete"] = True
+    if storage.exists(out):
+        storage.remove_store(out, "model")
+    try:
+        group = storage.open_group(out, "w-")
+        group.attrs.update({"kernelscale": "model", "complete": False})  # ours from the first write on
+        arr = storage.checksummed_array(group, "alpha", alpha.shape, (min(alpha.shape[0], 65536), alpha.shape[1]),
+                                        "float64", np.nan)
+        arr[...] = alpha
+        group.attrs.update({
+            "kernelscale": "model", "format_version": MODEL_FORMAT_VERSION, "gram_fingerprint": store.fingerprint,
+            "gram_path": store.path, "data_fingerprint": data.fingerprint, "spec": store.attrs.get("spec"),
+            "num_classes": data.num_classes, "class_names": data.class_names, "tol": tol,
+            **{k: summary[k] for k in ("reg", "reg_scale", "reg_effective", "solver", "precond", "status",
+                                       "iterations", "rel_residual")},
+        })
+        group.attrs["complete"] = True
+    except OSError as exc:
+        if storage.is_disk_full(exc):
+            storage.remove(out)  # the partial model just created here: the rerun starts clean
+            raise storage.disk_full_error(out, "writing the model (nothing of it was kept; a --checkpoint is)") from None
+        raise
+
+
+def check_model_layout(path: str, group: Any, attrs: dict[str, Any]) -> None:
+    """Refuse a model store whose attributes or ``alpha`` differ from the layout in the module docstring."""
+    fix = "rerun `kernelscale solve` to write it again"
+    req = storage.require
+    req(path, attrs.get("format_version") == MODEL_FORMAT_VERSION, "format_version", str(MODEL_FORMAT_VERSION),
+        attrs.get("format_version"), fix)
+    c = attrs.get("num_classes")
+    req(path, storage.is_int(c, 1), "num_classes", "an integer >= 1", c, fix)
+    for key in ("gram_fingerprint", "data_fingerprint"):
+        req(path, isinstance(attrs.get(key), str) and attrs[key].startswith("sha256:"), key, "a 'sha256:...' string",
+            attrs.get(key), fix)
+    req(path, attrs.get("spec") is None or isinstance(attrs.get("spec"), dict), "spec", "a kernel spec object",
+        attrs.get("spec"), fix)
+    metas = storage.members(group, path)
+    storage.check_members(path, metas, lambda name, meta: name == "alpha", fix)
+    n = (metas.get("alpha") or {}).get("shape", [0])[0]
+    storage.check_array(path, "alpha", metas.get("alpha"), dtype="float64", shape=(None, c),
+                        chunks=(min(max(int(n), 1), 65536) if storage.is_int(n, 1) else None, c), fill="NaN", fix=fix)
 
 
 def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
@@ -244,6 +293,7 @@ def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
         raise StoreError(f"{path} is not a kernelscale model store (create one with `kernelscale solve`)")
     if not attrs.get("complete") or attrs.get("status") != "converged":
         raise StoreError(f"{path} is incomplete or not converged; rerun `kernelscale solve`")
+    check_model_layout(path, group, attrs)
     try:
         alpha = np.asarray(group["alpha"][...], np.float64)
     except ValueError as exc:
@@ -294,6 +344,7 @@ def evaluate(model: str, cross: str, test: str) -> dict[str, Any]:
     ts = open_dataset(test)
     cs = open_gram(cross)
     check_cross(cs, ts, attrs["data_fingerprint"], alpha.shape[0], attrs.get("spec"))
+    ts.check_content()  # test rows/labels edited behind the fingerprint's back are refused (sampled chunks)
     if ts.num_classes != alpha.shape[1]:
         raise InputError(f"{test} has {ts.num_classes} classes, the model {alpha.shape[1]}")
     with ZarrGramOperator(cs, prefetch=2, psd=False) as op:
@@ -338,6 +389,7 @@ def curve(gram: str, data: str, cross: str, test: str, sizes: str | Sequence[int
     """
     t0 = time.perf_counter()
     check_reg(reg, reg_scale)
+    CGOptions(tol=tol, max_iter=max_iter).validate()
     ds, ts = open_dataset(data), open_dataset(test)
     gs, cs = open_gram(gram), open_gram(cross)
     check_gram_for_data(gs, ds)

@@ -53,6 +53,25 @@ def configure_xla() -> None:
     os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS"), jaxlib_version)
 
 
+def install_nt_stub() -> None:
+    """Keep ``neural_tangents.experimental`` (which imports tensorflow) from loading.
+
+    neural-tangents 0.6.5 imports its ``experimental`` subpackage from its ``__init__``; kernelscale never uses
+    it and tensorflow is not installed. ``import kernelscale`` calls this, so a user's own module can do
+    ``import neural_tangents.stax as stax`` afterwards. Nothing is done when tensorflow is installed or
+    neural-tangents is already imported.
+    """
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    if "neural_tangents" in sys.modules or "neural_tangents.experimental" in sys.modules:
+        return
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    sys.modules["neural_tangents.experimental"] = types.ModuleType("neural_tangents.experimental")
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, Any]:
     """Make sure Ray is initialised; return ``{"address": ..., "started_local": bool}``.
 
@@ -74,6 +93,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         ray.init(address=address, runtime_env={"env_vars": dict(ACTOR_ENV_VARS)}, **common)
         return {"address": address, "started_local": False}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_token_notice()
     log.info("starting a local Ray cluster on 127.0.0.1 (no dashboard)")
     # A local cluster's processes inherit this process's environment at start. Giving them the actor variables
     # that way, rather than as a job runtime_env, lets actors start in Ray's prestarted worker processes:
@@ -82,6 +102,27 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
     with _scoped_environ(ACTOR_ENV_VARS):
         _init_loopback(ray, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     return {"address": ray.get_runtime_context().gcs_address, "started_local": True}
+
+
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def quiet_token_notice(token_file: str | None = None) -> bool:
+    """Ray logs "Token authentication is enabled for this Ray cluster" at every local start. Once Ray has
+    generated its token (``~/.ray/auth_token``, at the first start, which shows the notice once), drop that
+    notice; token authentication itself is unchanged. Returns whether the notice is dropped."""
+    token_file = token_file or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if not os.path.isfile(token_file):
+        return False
+    logger = logging.getLogger(RAY_TOKEN_LOGGER)
+    if not any(isinstance(f, _DropTokenNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenNotice())
+    return True
 
 
 @contextlib.contextmanager

@@ -48,8 +48,7 @@ def test_user_code_spec(tmp_path, monkeypatch):
         "def net():\n    return stax.serial(stax.Flatten(), stax.Dense(8), stax.Relu(), stax.Dense(1))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    kernels._neural_tangents()
-    spec = kernels.parse_arch("my_arch:net", allow_code=True)
+    spec = kernels.parse_arch("my_arch:net", allow_code=True)  # imports neural_tangents as users do (no set-up)
     assert spec.arch == "code" and spec.params["target"] == "my_arch:net"
     x = np.random.default_rng(0).normal(size=(3, 2, 2, 1)).astype(np.float32)
     assert np.asarray(kernels.kernel_fn(spec)(x, x, "ntk")).shape == (3, 3)

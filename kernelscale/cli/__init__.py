@@ -1,7 +1,8 @@
 """The ``kernelscale`` command line: one module per subcommand, each with ``register`` and ``run``.
 
 Every subcommand has ``--help``, ``--json`` (one JSON summary object as the last line of stdout) and ``-v``.
-Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 1 anything else.
+Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM), 1 anything else.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import re
+import signal
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -35,10 +39,51 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+#: What argparse takes for a negative number rather than a flag: also 1e-4-style exponents (``--reg -1e-4``),
+#: which argparse before Python 3.13 reads as an unknown flag ("expected one argument").
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+#: How to continue after Ctrl-C / SIGTERM, per subcommand (printed on stderr).
+CONTINUE_HINTS: dict[str, str] = {
+    "gram": "tiles already written are kept: rerun the same command to continue",
+    "verify": "rerun the same command (with --repair, tiles already recomputed are kept)",
+    "solve": "with --checkpoint PATH, rerun the same command with --resume to continue from the last checkpoint",
+    "distill": "a checkpoint of the last finished step was written: rerun the same command with --resume",
+    "demo": "rerun the same command: finished stages are reused (the Gram resumes, KIP continues)",
+}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that commands save what they can (KIP's checkpoint)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
     def error(self, message: str) -> None:  # exit 2 with usage, as argparse does, but through our handler
         self.print_usage(sys.stderr)
         raise InputError(f"{self.prog}: {message}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each flag's default appended unless its help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS)
+        if action.option_strings and shown and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
 
 
 def common_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in SUBCOMMANDS.items():
         mod = importlib.import_module(f"{__name__}.{module}")
-        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
+                           formatter_class=HelpFormatter)
         mod.register(p)
         common_flags(p)
         p.set_defaults(_run=mod.run)
@@ -96,10 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "allow_code", False):
+        _working_directory_on_path()
     run: Callable[[argparse.Namespace], dict[str, Any]] = args._run
     t0 = time.perf_counter()
     ray_was_running = _ray_running()
     code = 0
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM alone
+        previous_sigterm = None
     try:
         summary = run(args)
     except KernelscaleError as exc:
@@ -107,9 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = {"status": "error", "error": str(exc), "exit_code": exc.exit_code}
         summary.update(getattr(exc, "summary", {}) or {})
         code = exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        hint = CONTINUE_HINTS.get(args.command, "rerun the command")
+        print(f"{'terminated' if terminated else 'interrupted'}: {hint}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if not ray_was_running:  # Ray forwards worker log lines to stdout until it stops: keep the JSON last
         _stop_ray()
     summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
@@ -119,6 +176,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _print_human(summary)
     return code
+
+
+def _working_directory_on_path() -> None:
+    """Make ``--arch module:function --allow-code`` find modules in the working directory, as ``python`` does.
+
+    The ``kernelscale`` console script puts its own bin/ directory first on ``sys.path``, not the working
+    directory; this adds the working directory (only for commands given --allow-code).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _ray_running() -> bool:

@@ -22,7 +22,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="trace: add R * trace(K)/N to the diagonal (neural-tangents' convention); absolute: add R")
     p.add_argument("--tol", type=float, default=1e-6, metavar="T", help="relative residual per class column")
     p.add_argument("--max-iter", type=int, default=1000, metavar="K", help="CG iterations at most")
-    p.add_argument("--precond", default="none", metavar="none|jacobi|nystrom:RANK", help="CG preconditioner")
+    p.add_argument("--precond", default="nystrom", metavar="none|jacobi|nystrom[:RANK]",
+                   help="CG preconditioner; nystrom without a rank picks N/5 landmarks, between 100 and 3,000 "
+                        "(default: nystrom)")
     p.add_argument("--landmarks", default="rpcholesky", choices=LANDMARKS, help="Nyström landmark selection")
     p.add_argument("--nystrom-residual", default="diag", choices=RESIDUALS,
                    help="diag: P = FF^T + diag(K - FF^T) + reg I; scalar: Frangella et al. (reg > 0 only)")
