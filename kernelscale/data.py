@@ -131,10 +131,44 @@ class AffineMap:
         return h.hexdigest()
 
 
-def compute_statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
-    """Preprocessing statistics of a (N, H, W, C) pixel array, out of core with dask."""
+class _DaskBar:
+    """A tqdm bar over the tasks of each dask computation run inside ``with _DaskBar(...)``: on stderr, never on
+    stdout (dask's own ProgressBar prints to stdout, where ``--json`` output goes)."""
+
+    def __init__(self, desc: str, enabled: bool):
+        from dask.callbacks import Callback  # noqa: PLC0415
+
+        self.bar = tqdm(total=0, desc=desc, unit="task", disable=not enabled, leave=False)
+        bar = self.bar
+
+        class _Hooks(Callback):
+            def _start_state(self, dsk: Any, state: Any) -> None:
+                bar.total += sum(len(state[k]) for k in ("ready", "waiting", "running"))
+                bar.refresh()
+
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+                bar.update(1)
+
+        self.hooks = _Hooks()
+
+    def __enter__(self) -> "_DaskBar":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hooks.__exit__(*exc)
+        self.bar.close()
+
+
+def compute_statistics(pixels: zarr.Array, pre: Preprocess, progress: bool = False) -> AffineMap:
+    """Preprocessing statistics of a (N, H, W, C) pixel array, out of core with dask (``progress``: a bar)."""
     if pre.kind == "none":
         return AffineMap()
+    with _DaskBar(f"{pre.kind} statistics", progress):
+        return _statistics(pixels, pre)
+
+
+def _statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
     import dask.array as da  # noqa: PLC0415
 
     x = da.from_zarr(pixels).astype(np.float64)
@@ -737,7 +771,7 @@ def _write_store(
         labels = source.labels[idx]
         if flips:
             labels = np.concatenate([labels, labels])
-        affine = stats if stats is not None else compute_statistics(raw, pre)
+        affine = stats if stats is not None else compute_statistics(raw, pre, progress)
         x = storage.checksummed_array(group, "x", (n, *row_shape), (chunk, *row_shape), "float32", np.nan)
         chunk_digests: list[str] = []
         for start in range(0, n, block):

@@ -36,6 +36,7 @@ from .data import DatasetStore, open_dataset
 from .errors import InputError, KernelscaleError, StoreError
 from .gram_store import (LOCK_GROUP, GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram,
                          reset_gram)
+from .progress import ProgressWriter, live_rate, read_progress
 from .tiles import TilePlan, sub_block_size, sub_blocks, tile_entries
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,19 @@ def available_memory() -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:  # pragma: no cover - psutil comes with ray
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def actors_per_node(workers: int | None, gpus_per_worker: float, tiles: int) -> int:
+    """How many Gram actors share this machine's RAM: ``--workers`` (default one per CPU), at most one per CPU
+    and one per tile. With ``--gpus-per-worker`` the default is one (kernel calls then live in GPU memory)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    default = 1 if gpus_per_worker > 0 else cpus
+    return max(1, min(workers or default, cpus, tiles))
+
+
+def default_memory_budget(actors: int) -> int:
+    """Bytes per actor for one kernel call: BUDGET_FRACTION (40%) of available RAM shared by ``actors``."""
+    return int(BUDGET_FRACTION * available_memory() / max(1, actors))
 
 
 def default_tile(n: int, m: int, symmetric: bool) -> int:
@@ -417,8 +431,7 @@ def compute_gram(
     bpp = _bytes_per_pair(spec_json, rows.input_shape)
     if dtype == "float64":
         bpp *= 2
-    n_workers_hint = workers or 1
-    budget = int(memory_budget) if memory_budget else int(BUDGET_FRACTION * available_memory() / n_workers_hint)
+    budget = int(memory_budget) if memory_budget else default_memory_budget(actors_per_node(workers, gpus_per_worker, len(grid)))
     s = sub_block or min(sub_block_size(tile, bpp, budget), default_sub_block(tile, symmetric))
     if s < 1:
         raise InputError(
@@ -426,6 +439,8 @@ def compute_gram(
             f"{budget / 2**20:.1f} MiB per worker; raise --memory-budget, use fewer --workers, or smaller images"
         )
 
+    if spec_json["arch"] in ("code", "callable"):
+        check_kernel_output(spec_json, kernel_callable, rows.input_shape)
     versions = kernels.versions()
     against_fp = cols.fingerprint if cols is not None else None
     fingerprint = gram_fingerprint(json.dumps(spec_json, sort_keys=True), dtype, rows.fingerprint, against_fp, versions)
@@ -506,6 +521,30 @@ def _block_kernel(config: dict[str, Any], kernel_callable: Any) -> Callable[[Any
     if kernel_callable is not None:
         return kernels.pairwise(kernel_callable, config["spec"]["kernel"])
     return kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
+
+
+def check_kernel_output(spec_json: dict[str, Any], kernel_callable: Any, input_shape: tuple[int, ...]) -> None:
+    """Trace a user kernel on blocks of 2 and 3 rows (shapes only, nothing computed) and refuse, before any
+    compute, a kernel that does not return one number per pair of images."""
+    import jax  # noqa: PLC0415
+
+    what = spec_json.get("params", {}).get("target") or spec_json.get("params", {}).get("kernel_id") or "kernel_fn"
+    fn = _block_kernel({"spec": spec_json}, kernel_callable)
+    try:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((2, *input_shape), "float32"),
+                             jax.ShapeDtypeStruct((3, *input_shape), "float32"))
+    except KernelscaleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of user code, as one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"the kernel of {what} fails on inputs of shape {tuple(input_shape)}: "
+                         f"{type(exc).__name__}: {first}") from exc
+    shape = tuple(getattr(out, "shape", ()))
+    if shape != (2, 3):
+        raise InputError(
+            f"the kernel of {what} returns shape {shape} for 2 x 3 images of shape {tuple(input_shape)}; it must "
+            "return one number per pair of images, (2, 3): end the network with a readout to one output "
+            "(stax.Flatten() or stax.GlobalAvgPool(), then stax.Dense(1))")
 
 
 def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None:
@@ -622,6 +661,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
             log.warning("worker lost before its last write was confirmed (%s); the listing check will tell", exc)
 
     bar = tqdm(total=plan.total, desc="gram", unit="tile", disable=not progress)
+    tracker = ProgressWriter(open_gram(config["out"], "r+").group, plan.total)  # read by `kernelscale status`
     try:
         for _ in range(IN_FLIGHT_PER_WORKER):
             for k in range(n_workers):
@@ -651,6 +691,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                 for part in ("read", "kernel", "write", "stall"):
                     result["tile_seconds"][part] += status[f"{part}_s"]
                 bar.update(1)
+                tracker.tile_done(status["entries"])
                 submit(k)
                 if not any(slot == k for slot, _ in inflight.values()):
                     flush(k)
@@ -661,6 +702,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                     ray.kill(actors[k], no_restart=True)
     finally:
         bar.close()
+        tracker.close()
         for ref in list(inflight):
             ray.cancel(ref, force=False)
         # let pending background writes land (or fail) before the actors go: nothing may be written into the
@@ -681,7 +723,11 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
 
 
 def gram_status(path: str) -> dict[str, Any]:
-    """Tiles done/total, fingerprint summary, measured throughput and ETA of a Gram store (one listing)."""
+    """Tiles done/total, fingerprint summary, throughput and ETA of a Gram store (one listing).
+
+    While a driver holds the store's lock, the rate is the one it measures in this run (``rate_from``:
+    ``running driver``); otherwise that of the last finished run (``last run``).
+    """
     store = open_gram(path)
     grid = store.grid
     done = store.done_tiles()
@@ -698,6 +744,11 @@ def gram_status(path: str) -> dict[str, Any]:
     remaining = max(0, stored_entries - done_entries)
     lock = GramLock(store).read()
     spec = attrs.get("spec", {})
+    live = live_rate(read_progress(store.group)) if lock is not None else None
+    tiles_rate = round(rate * total / stored_entries, 4) if rate and stored_entries else None
+    rate_from = "last run" if rate else None
+    if live is not None:
+        rate, tiles_rate, rate_from = round(live["entries_per_s"], 1), round(live["tiles_per_s"], 4), "running driver"
     return {
         "path": path,
         "shape": list(store.shape),
@@ -715,8 +766,9 @@ def gram_status(path: str) -> dict[str, Any]:
         "versions": attrs.get("versions"),
         "runs": len(runs),
         "entries_per_s": rate,
-        "tiles_per_s": round(rate * total / stored_entries, 4) if rate and stored_entries else None,
+        "tiles_per_s": tiles_rate,
         "eta_seconds": round(remaining / rate, 1) if rate else None,
+        "rate_from": rate_from,
         "storage_bytes": stored_entries * np.dtype(attrs.get("dtype", "float32")).itemsize,
         "locked_by": None if lock is None else {k: lock.get(k) for k in ("host", "pid", "started")},
     }

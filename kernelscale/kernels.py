@@ -44,8 +44,9 @@ KERNELS = ("ntk", "nngp")
 
 def _neural_tangents() -> types.ModuleType:
     """Import neural-tangents without ``neural_tangents.experimental`` (which would import tensorflow)."""
-    if "neural_tangents" not in sys.modules:
-        sys.modules.setdefault("neural_tangents.experimental", types.ModuleType("neural_tangents.experimental"))
+    from .runtime import install_nt_stub  # noqa: PLC0415
+
+    install_nt_stub()  # already done by `import kernelscale`; kept for callers that loaded this module alone
     try:
         import neural_tangents  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - only on a broken environment
