@@ -180,7 +180,7 @@ def test_out_exists_needs_overwrite(tmp_path):
     out = tmp_path / "out.zarr"
     ingest("mnist5k", str(out), limit=20, progress=False)
     before = open_dataset(str(out)).fingerprint
-    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+    with pytest.raises(InputError, match="already exists; pass overwrite=True"):  # the API's words, not the CLI's
         ingest("mnist5k", str(out), limit=30, progress=False)
     assert open_dataset(str(out)).fingerprint == before
     ingest("mnist5k", str(out), limit=30, overwrite=True, progress=False)

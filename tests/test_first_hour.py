@@ -290,3 +290,21 @@ def test_tour_outputs_are_ignored_by_git():
     if proc.returncode == 128:
         pytest.skip("not a git checkout")
     assert proc.stdout.split() == names
+
+
+# -- 5. the Python API's words ----------------------------------------------------------------------------------
+
+
+def test_api_errors_name_keyword_arguments_and_the_cli_names_flags(tmp_path, capsys):
+    from kernelscale.data import ingest
+    from kernelscale.errors import InputError
+
+    msg = InputError("x.zarr exists; pass --overwrite to replace it (or run `kernelscale gram --overwrite`)")
+    assert str(msg) == "x.zarr exists; pass overwrite=True to replace it (or run `kernelscale gram --overwrite`)"
+    out = str(tmp_path / "m.zarr")
+    ingest("mnist5k", out, limit=20, progress=False)
+    with pytest.raises(InputError, match=r"pass overwrite=True") as info:
+        ingest("mnist5k", out, limit=20, progress=False)
+    assert "--overwrite" not in str(info.value)
+    assert main(["ingest", "mnist5k", out, "--limit", "20", "--no-progress"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from ..errors import InputError, KernelscaleError
+from ..errors import InputError, KernelscaleError, cli_words
 
 log = logging.getLogger("kernelscale")
 
@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM alone
         previous_sigterm = None
     try:
-        summary = run(args)
+        with cli_words():  # error messages name flags (--overwrite), not keyword arguments
+            summary = run(args)
     except KernelscaleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         summary = {"status": "error", "error": str(exc), "exit_code": exc.exit_code}
