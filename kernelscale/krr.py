@@ -221,7 +221,8 @@ def solve(
                 bar.close()
         finally:
             op.close()
-        summary.update({"precond": pspec.describe(ds.n), "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
+        used = pspec.describe(ds.n) if "fallback" not in pre.info else f"none ({pre.info['fallback']})"
+        summary.update({"precond": used, "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
                         "products": sol.products, "operator_seconds": round(sol.operator_seconds, 3),
                         "seconds_per_iteration": round(sol.operator_seconds / max(sol.products, 1), 4)})
     summary = {"status": sol.status, "iterations": sol.iterations, "rel_residual": sol.max_rel_residual,
@@ -287,13 +288,16 @@ def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
     """(attrs, alpha) of a model store; refuses incomplete or non-model stores."""
     if not storage.exists(path):
         raise StoreError(f"{path}: no model store there (create one with `kernelscale solve ... --out {path}`)")
+    if storage.store_kind(path) == "distilled":
+        raise StoreError(f"{path} is a distilled support set, not a model: score it without a cross Gram, "
+                         f"`kernelscale evaluate {path} --test TEST.zarr` (in Python: kernelscale.kip_run.evaluate)")
     group = storage.open_group(path, "r")
     attrs = dict(group.attrs)
-    if attrs.get("kernelscale") != "model" or "alpha" not in group:
+    if attrs.get("kernelscale") != "model":
         raise StoreError(f"{path} is not a kernelscale model store (create one with `kernelscale solve`)")
     if not attrs.get("complete") or attrs.get("status") != "converged":
         raise StoreError(f"{path} is incomplete or not converged; rerun `kernelscale solve`")
-    check_model_layout(path, group, attrs)
+    check_model_layout(path, group, attrs)  # from the raw metadata, before zarr parses alpha
     try:
         alpha = np.asarray(group["alpha"][...], np.float64)
     except ValueError as exc:
@@ -310,8 +314,16 @@ def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
 
 def check_cross(cross: GramStore, test: DatasetStore, train_fingerprint: str, n_train: int,
                 spec: dict[str, Any] | None) -> None:
-    """Refuse a cross Gram that is not K(test, train) for these stores (and this kernel)."""
+    """Refuse a cross Gram that is not K(test, train) for these stores (and this kernel); the common mix-ups
+    (the train Gram itself, the reversed K(train, test)) are named with the command that makes the right one."""
     attrs = cross.attrs
+    make = f"`kernelscale gram {test.path} --against TRAIN.zarr --out CROSS.zarr` (TRAIN.zarr: the model's data)"
+    if attrs.get("against_fingerprint") is None and attrs.get("data_fingerprint") == train_fingerprint:
+        raise StoreError(f"{cross.path} is the train Gram K(train, train), not a cross Gram K(test, train); "
+                         f"compute the cross Gram with {make}")
+    if attrs.get("data_fingerprint") == train_fingerprint and attrs.get("against_fingerprint") == test.fingerprint:
+        raise StoreError(f"{cross.path} is K(train, test), the reverse of the cross Gram needed, K(test, train): "
+                         f"compute it with DATA and --against swapped, {make}")
     if attrs.get("data_fingerprint") != test.fingerprint:
         raise StoreError(f"{cross.path} was computed on other test rows (data_fingerprint "
                          f"{attrs.get('data_fingerprint')} != {test.path}'s {test.fingerprint})")

@@ -308,3 +308,68 @@ def test_api_errors_name_keyword_arguments_and_the_cli_names_flags(tmp_path, cap
     assert "--overwrite" not in str(info.value)
     assert main(["ingest", "mnist5k", out, "--limit", "20", "--no-progress"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+# -- 5. one command scores a model or a support set; mix-ups name the fix ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Train/test stores (40/20 rows), the train Gram, the cross Gram, the reversed one, a model, a support set."""
+    from krr_helpers import pairwise_gram, write_gram
+
+    from kernelscale.data import open_dataset
+    from kernelscale.kip_run import distill
+    from kernelscale.krr import solve
+
+    root = tmp_path_factory.mktemp("scored")
+    rng = np.random.default_rng(3)
+    train = _npz_store(root, "train", rng.normal(size=(40, 3, 3, 1)), labels=np.arange(40) % 2)
+    test = _npz_store(root, "test", rng.normal(size=(20, 3, 3, 1)), labels=np.arange(20) % 2)
+    tr, te = open_dataset(train), open_dataset(test)
+    spec = {"arch": "fc", "params": {"depth": 1}, "kernel": "ntk"}
+    x, y = tr.rows(0, 40), te.rows(0, 20)
+    p = {"train": train, "test": test, "gram": str(root / "gram.zarr"), "cross": str(root / "cross.zarr"),
+         "reversed": str(root / "reversed.zarr"), "model": str(root / "model.zarr"), "support": str(root / "s.zarr")}
+    write_gram(p["gram"], pairwise_gram("fc:depth=1", x), tile=16, data_fingerprint=tr.fingerprint, spec=spec)
+    write_gram(p["cross"], pairwise_gram("fc:depth=1", y, x), tile=16, data_fingerprint=te.fingerprint,
+               against_fingerprint=tr.fingerprint, spec=spec)
+    write_gram(p["reversed"], pairwise_gram("fc:depth=1", x, y), tile=16, data_fingerprint=tr.fingerprint,
+               against_fingerprint=te.fingerprint, spec=spec)
+    assert solve(p["gram"], train, reg=1e-3, out=p["model"], progress=False)["status"] == "converged"
+    distill(train, out=p["support"], arch="fc:depth=1", ipc=1, steps=2, target_batch=10, progress=False)
+    return p
+
+
+def _cli_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main([*args, "--json", "--no-progress"])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "eval"])
+def test_one_command_scores_a_model_and_a_support_set(scored, capsys, command):
+    code, model = _cli_json(capsys, command, scored["model"], "--cross", scored["cross"], "--test", scored["test"])
+    assert code == 0 and model["store_kind"] == "model" and 0 <= model["accuracy"] <= 1
+    code, support = _cli_json(capsys, command, scored["support"], "--test", scored["test"])
+    assert code == 0 and support["store_kind"] == "distilled" and support["n_support"] == 2
+
+
+@pytest.mark.parametrize("which, cross, match", [
+    ("model", "gram", r"is the train Gram K\(train, train\), not a cross Gram.*kernelscale gram .*test\.zarr --against"),
+    ("model", "reversed", r"is K\(train, test\), the reverse.*--against swapped"),
+    ("model", None, r"is a model: give --cross CROSS\.zarr"),
+    ("support", "cross", r"is a distilled support set: .* no --cross"),
+    ("gram", "cross", r"is a Gram store; evaluate scores a model"),
+])
+def test_evaluate_mixups_name_the_fix(scored, capsys, which, cross, match):
+    args = ["evaluate", scored[which], "--test", scored["test"]] + (["--cross", scored[cross]] if cross else [])
+    code, summary = _cli_json(capsys, *args)
+    assert code == 2 and re.search(match, summary["error"]), summary["error"]
+
+
+def test_model_api_given_a_support_set_says_what_it_is(scored):
+    from kernelscale.errors import StoreError
+    from kernelscale.krr import evaluate
+
+    with pytest.raises(StoreError, match=r"is a distilled support set, not a model: .*kernelscale evaluate"):
+        evaluate(scored["support"], scored["cross"], scored["test"])

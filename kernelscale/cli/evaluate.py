@@ -1,9 +1,15 @@
-"""Evaluate a distilled support set: kernel regression from it onto TEST (accuracy, mse).
+"""Score a solved model or a distilled support set on TEST: accuracy and mse.
 
-mse is the mean over rows and classes of (prediction - (one-hot - 1/C))^2. TEST must share DATA's input
+STORE is a model from `kernelscale solve` or a support set from `kernelscale distill`. A model predicts
+K(test, train) @ alpha, streamed tile by tile from --cross CROSS.zarr, the cross Gram
+`kernelscale gram TEST.zarr --against DATA.zarr` (its fingerprints must match TEST and the model's data).
+A support set predicts by kernel regression from its own images (no cross Gram); TEST must share DATA's input
 shape and preprocessing (ingest it with --stats-from DATA.zarr or as DATA's --val-out split).
+mse is the mean over rows and classes of (prediction - (one-hot - 1/C))^2.
 With --attack linf:EPS|l2:EPS also reports robust_accuracy under PGD in pixel space (pixels in [0, 1], mapped
-through TEST's preprocessing) and noise_accuracy under random noise of the same norm (kernelscale.robust_run).
+through TEST's preprocessing); for a support also noise_accuracy under random noise of the same norm, for a
+model with gradients against all its training rows (read from the DATA path its Gram recorded, or --data).
+`kernelscale eval` is the same command under its earlier name.
 """
 
 from __future__ import annotations
@@ -11,21 +17,58 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..kip_run import evaluate
-from ..robust_run import attack_distilled
+from .. import storage
+from ..errors import InputError
+from ..kip_run import evaluate as evaluate_support
+from ..krr import evaluate as evaluate_model
+from ..robust_run import attack_distilled, attack_model
 from .attack_flags import add_attack_flags, attack_from_args, attack_kwargs
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("distilled", metavar="DISTILLED.zarr", help="store written by `kernelscale distill`")
+    p.add_argument("store", metavar="STORE.zarr",
+                   help="a model (`kernelscale solve`) or a distilled support set (`kernelscale distill`)")
     p.add_argument("--test", required=True, metavar="TEST.zarr", help="dataset store to predict")
-    p.add_argument("--batch", type=int, default=2048, metavar="N", help="test rows per kernel call")
+    p.add_argument("--cross", metavar="CROSS.zarr", help="models only: the cross Gram K(test, train)")
+    p.add_argument("--batch", type=int, default=2048, metavar="N", help="support sets: test rows per kernel call")
     add_attack_flags(p)
+    p.add_argument("--data", metavar="DATA.zarr",
+                   help="models, for --attack: the model's training data (default: the data path its Gram recorded)")
+    p.add_argument("--chunk", type=int, default=4096, metavar="N",
+                   help="models, for --attack: training rows per kernel block in attack gradients (bounds memory)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     attack = attack_from_args(args)  # parsed before any compute
-    summary = evaluate(args.distilled, args.test, batch=args.batch)
-    if attack is not None:
-        summary.update(attack_distilled(args.distilled, args.test, attack, **attack_kwargs(args)))
-    return summary
+    kind = storage.store_kind(args.store)
+    if kind == "model":
+        if not args.cross:
+            raise InputError(f"{args.store} is a model: give --cross CROSS.zarr, the cross Gram of TEST against the "
+                             f"model's data (`kernelscale gram {args.test} --against DATA.zarr --out CROSS.zarr`)")
+        summary = evaluate_model(args.store, args.cross, args.test)
+        if attack is not None:
+            summary.update(attack_model(args.store, args.test, attack, data=args.data, chunk=args.chunk,
+                                        **attack_kwargs(args)))
+    elif kind == "distilled":
+        if args.cross:
+            raise InputError(f"{args.store} is a distilled support set: it predicts from its own images, so it takes "
+                             "no --cross; leave it out")
+        summary = evaluate_support(args.store, args.test, batch=args.batch)
+        if attack is not None:
+            summary.update(attack_distilled(args.store, args.test, attack, **attack_kwargs(args)))
+    else:
+        raise InputError(_not_scorable(args.store, kind))
+    return {"store_kind": kind} | summary
+
+
+def _not_scorable(path: str, kind: str | None) -> str:
+    """What ``path`` is instead of a model or a support set, and the command that makes one."""
+    make = ("a model (`kernelscale solve GRAM.zarr --data DATA.zarr --out MODEL.zarr`) or a distilled support set "
+            "(`kernelscale distill DATA.zarr --out DISTILLED.zarr`)")
+    if kind == "gram":
+        return f"{path} is a Gram store; evaluate scores {make}"
+    if kind == "dataset":
+        return f"{path} is a dataset store (pass it as --test); evaluate scores {make}"
+    if not storage.exists(path):
+        return f"{path} does not exist; evaluate scores {make}"
+    return f"{path} is not a kernelscale store; evaluate scores {make}"

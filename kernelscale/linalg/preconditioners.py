@@ -252,8 +252,16 @@ def build_preconditioner(spec: PreconditionerSpec, kernel: LinearOperator, reg: 
             nys = nystrom_uniform(kernel, rank, spec.seed)
         else:
             nys = rpcholesky(kernel, rank, spec.seed, progress=progress)
-        pre = NystromPreconditioner(nys, reg, spec.residual)
-        pre.info["landmarks"] = spec.landmarks
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                pre = NystromPreconditioner(nys, reg, spec.residual)
+            pre.info["landmarks"] = spec.landmarks
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            # e.g. reg 0 on a singular or indefinite Gram: the Woodbury factor is not finite. CG without a
+            # preconditioner still reports how such a system ends (breakdown, max_iterations).
+            log.warning("the Nyström preconditioner cannot be built (%s); solving without one", exc)
+            pre = Preconditioner()
+            pre.info = {"fallback": f"nystrom failed: {exc}"}
     else:
         raise InputError(f"unknown preconditioner {spec.kind!r}")
     pre.setup_seconds = time.perf_counter() - t0
