@@ -1,8 +1,8 @@
 """Gram engine benchmark: kernelscale vs ``neural_tangents.batch`` side by side, same kernel, same data.
 
-Run under the benchmark lock (see .notes/HELPERS.md)::
+Run on an otherwise idle machine (nothing else timed at once; the figures in docs/benchmarks.md come from it)::
 
-    flock /tmp/kernelscale-bench.lock .venv/bin/python benchmarks/bench_gram.py --n 10000 --json out.json
+    .venv/bin/python benchmarks/bench_gram.py --n 10000 --json out.json
 
 Measures: a float32 matmul roofline (GFLOP/s), the fc depth-3 NTK of N CIFAR-10 images with nt.batch and
 with kernelscale (1 and 2 workers), a convnet NTK at a size this machine holds, per-tile cost, and an

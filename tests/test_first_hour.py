@@ -373,3 +373,27 @@ def test_model_api_given_a_support_set_says_what_it_is(scored):
 
     with pytest.raises(StoreError, match=r"is a distilled support set, not a model: .*kernelscale evaluate"):
         evaluate(scored["support"], scored["cross"], scored["test"])
+
+
+# -- 8. declared dependencies -----------------------------------------------------------------------------------
+
+
+def test_every_third_party_import_of_the_package_is_declared():
+    """What kernelscale/ imports (scipy included) is in pyproject.toml (neural-tangents: the Makefile, --no-deps)."""
+    import ast
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for group in project["optional-dependencies"].values() for d in group]
+    declared = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in specs} | {"neural-tangents"}
+    dist = {"yaml": "pyyaml", "PIL": "pillow", "neural_tangents": "neural-tangents"}
+    imported = set()
+    for path in (ROOT / "kernelscale").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"kernelscale"}
+    assert "scipy" in third_party
+    assert {dist.get(name, name).lower() for name in third_party} - declared == set()
