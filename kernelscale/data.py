@@ -515,9 +515,7 @@ class DatasetStore:
         attrs = dict(group.attrs)
         if attrs.get("kernelscale") != "dataset":
             raise StoreError(f"{path} is not a kernelscale dataset store (create one with `kernelscale ingest`)")
-        if "x" not in group or "labels" not in group:
-            raise StoreError(f"{path}: dataset store is incomplete (missing x or labels); ingest it again")
-        check_layout(str(path), group, attrs)
+        check_layout(str(path), group, attrs)  # from the raw metadata, before zarr parses any array
         self.path = str(path)
         self.group = group
         self.attrs = attrs
@@ -589,7 +587,7 @@ class DatasetStore:
         hashes existed gets the full fingerprint check.
         """
         digests = self.attrs.get("content_sha256")
-        labels = np.asarray(self.group["labels"][...], np.int64)
+        labels = self.labels  # range-checked first: an out-of-range label gets its own message
         if not isinstance(digests, dict):
             if full or self.n * int(np.prod(self.input_shape)) * 4 <= 256 << 20:
                 self._check_fingerprint(labels)

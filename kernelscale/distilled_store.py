@@ -20,6 +20,7 @@ A kill at any moment leaves the previously committed checkpoint readable and poi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -34,6 +35,65 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
+FIX = "distil again into a new --out (`kernelscale distill DATA.zarr --out NEW.zarr`)"
+HISTORY = {"loss": "float32", "val_step": "int64", "val_accuracy": "float32"}
+LEAF_DTYPES = ("float32", "float64", "int32", "int64", "uint32")
+
+
+def check_layout(path: str, group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """Refuse a distilled store whose attributes or arrays differ from the layout in the module docstring.
+
+    Checkpoint groups other than the committed one may be partial (a run stopped while writing one) and are
+    only checked for their array types; the committed one must hold its leaves and history.
+    """
+    req = storage.require
+    req(path, attrs.get("format_version") == FORMAT_VERSION, "format_version", str(FORMAT_VERSION),
+        attrs.get("format_version"), FIX)
+    req(path, storage.is_int(attrs.get("steps_done"), -1), "steps_done", "an integer >= -1", attrs.get("steps_done"), FIX)
+    ckpt = attrs.get("checkpoint")
+    req(path, ckpt is None or storage.is_int(ckpt, 0), "checkpoint", "null or a step >= 0", ckpt, FIX)
+    shape = attrs.get("input_shape")
+    req(path, isinstance(shape, list) and len(shape) == 3 and all(storage.is_int(v, 1) for v in shape), "input_shape",
+        "[H, W, C] with positive integers", shape, FIX)
+    c = attrs.get("num_classes")
+    req(path, storage.is_int(c, 1), "num_classes", "an integer >= 1", c, FIX)
+    reg = attrs.get("reg")
+    req(path, isinstance(reg, (int, float)) and not isinstance(reg, bool) and math.isfinite(reg) and reg >= 0, "reg",
+        "a finite number >= 0", reg, FIX)
+    req(path, isinstance(attrs.get("spec"), dict), "spec", "a kernel spec object", attrs.get("spec"), FIX)
+    metas = storage.members(group, path)
+
+    def allowed(name: str, meta: dict[str, Any]) -> bool:
+        parts = name.split("/")
+        if name in ("x", "labels", "support_rows", "history", "checkpoints"):
+            return True
+        if parts[0] == "history" and len(parts) == 2:
+            return parts[1] in HISTORY
+        if parts[0] == "checkpoints" and len(parts) in (2, 3) and parts[1].isdigit():
+            return len(parts) == 2 or parts[2] in HISTORY or (parts[2].startswith("leaf_") and parts[2][5:].isdigit())
+        return False
+
+    storage.check_members(path, metas, allowed, FIX)
+    rows = metas.get("support_rows")
+    storage.check_array(path, "support_rows", rows, dtype="int64", shape=1, fill=-1, fix=FIX)
+    n_s = int(rows["shape"][0])
+    storage.check_array(path, "x", metas.get("x"), dtype="float32", shape=(n_s, *shape), chunks=(None, *shape),
+                        fill="NaN", fix=FIX)
+    storage.check_array(path, "labels", metas.get("labels"), dtype="float32", shape=(n_s, c), fill="NaN", fix=FIX)
+    for name, meta in metas.items():
+        parts = name.split("/")
+        if meta.get("node_type") != "array" or parts[0] not in ("history", "checkpoints"):
+            continue
+        if parts[-1] in HISTORY:
+            storage.check_array(path, name, meta, dtype=HISTORY[parts[-1]], shape=1, checksum=False, fix=FIX)
+        else:
+            storage.check_array(path, name, meta, dtype=LEAF_DTYPES, shape=len(meta.get("shape", [])), fix=FIX)
+    if ckpt is not None:
+        for key in HISTORY:
+            if f"checkpoints/{ckpt}/{key}" not in metas:
+                raise StoreError(f"{path}: the committed checkpoint {ckpt} lacks its {key!r} array; {FIX}")
+
+
 class DistilledStore:
     """An opened distilled store (see the module docstring)."""
 
@@ -41,6 +101,7 @@ class DistilledStore:
         attrs = dict(group.attrs)
         if attrs.get("kernelscale") != "distilled":
             raise StoreError(f"{path} is not a kernelscale distilled store (create one with `kernelscale distill`)")
+        check_layout(str(path), group, attrs)
         self.path = str(path)
         self.group = group
 
@@ -142,14 +203,21 @@ def _now() -> str:
 def create_distilled(path: str, *, n_support: int, input_shape: tuple[int, ...], num_classes: int,
                      support_rows: np.ndarray, attrs: dict[str, Any]) -> DistilledStore:
     """Create an empty distilled store (``steps_done`` = -1 until the first support is written)."""
-    group = storage.open_group(path, "w")
-    shape = (n_support, *input_shape)
-    storage.checksummed_array(group, "x", shape, _chunks(shape), "float32", np.nan)
-    storage.checksummed_array(group, "labels", (n_support, num_classes), (n_support, num_classes), "float32", np.nan)
-    rows = storage.checksummed_array(group, "support_rows", (n_support,), (n_support,), "int64", -1)
-    rows[...] = np.asarray(support_rows, np.int64)
-    group.attrs.update({"kernelscale": "distilled", "format_version": FORMAT_VERSION, "steps_done": -1,
-                        "checkpoint": None, "created": _now()} | attrs)
+    group = storage.open_group(path, "w-")
+    try:
+        shape = (n_support, *input_shape)
+        storage.checksummed_array(group, "x", shape, _chunks(shape), "float32", np.nan)
+        storage.checksummed_array(group, "labels", (n_support, num_classes), (n_support, num_classes), "float32",
+                                  np.nan)
+        rows = storage.checksummed_array(group, "support_rows", (n_support,), (n_support,), "int64", -1)
+        rows[...] = np.asarray(support_rows, np.int64)
+        group.attrs.update({"kernelscale": "distilled", "format_version": FORMAT_VERSION, "steps_done": -1,
+                            "checkpoint": None, "created": _now()} | attrs)
+    except OSError as exc:
+        if storage.is_disk_full(exc):
+            storage.remove(path)  # the partial store just created here: the rerun starts clean
+            raise storage.disk_full_error(path, "creating the distilled store (nothing of it was kept)") from None
+        raise
     return DistilledStore(path, group)
 
 

@@ -111,7 +111,7 @@ def check_tile(tile: int, n: int, m: int, dtype: str) -> None:
     tile computed, the one being written, the store's encode copy) exceed the available memory."""
     if not isinstance(tile, (int, np.integer)) or tile < 1:
         raise InputError(f"--tile must be an integer >= 1, got {tile}")
-    if tile > max(n, m):
+    if tile > max(n, m, 8):  # (the default tile is a multiple of 8, at least 8)
         raise InputError(f"--tile {tile} is larger than the matrix ({n} x {m}); use --tile {max(n, m)} or less "
                          "(or leave it out for the default)")
     need = 3 * tile * tile * np.dtype(dtype).itemsize

@@ -125,9 +125,9 @@ class GramStore:
 
     def __init__(self, path: str, group: zarr.Group):
         attrs = dict(group.attrs)
-        if attrs.get("kernelscale") != "gram" or "gram" not in group:
+        if attrs.get("kernelscale") != "gram":
             raise StoreError(f"{path} is not a kernelscale Gram store (create one with `kernelscale gram`)")
-        check_layout(str(path), group, attrs)
+        check_layout(str(path), group, attrs)  # from the raw metadata, before zarr parses the array
         self.path = str(path)
         self.group = group
         self.attrs = attrs

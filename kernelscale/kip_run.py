@@ -22,7 +22,7 @@ from . import storage
 from .data import DatasetStore, open_dataset
 from .distilled_store import DistilledStore, create_distilled, empty_history, open_distilled
 from .errors import InputError, NotConvergedError, StoreError
-from .kernels import KernelSpec, check_input_shape, parse_arch
+from .kernels import KernelSpec, check_input_shape, load_spec, parse_arch
 from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler, check_gram, check_ipc, init_gram, init_random, label_solve
 from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 from .target_augment import TargetAugment
@@ -78,19 +78,26 @@ def check_compatible(data_like: dict[str, Any], other: DatasetStore, flag: str) 
         raise InputError(f"{flag} {other.path} has {other.num_classes} classes, the support has {data_like['num_classes']}")
 
 
-def open_support(distilled: str, test: str) -> tuple[dict[str, Any], DatasetStore, KernelSpec, np.ndarray, np.ndarray]:
-    """``(attrs, test store, kernel spec, support x, support labels)`` of a distilled store, checked against TEST."""
+def open_support(distilled: str, test: str, allow_code: bool = False
+                 ) -> tuple[dict[str, Any], DatasetStore, KernelSpec, np.ndarray, np.ndarray]:
+    """``(attrs, test store, kernel spec, support x, support labels)`` of a distilled store, checked against TEST.
+
+    The stored kernel spec is untrusted input (:func:`kernelscale.kernels.load_spec`): user code in it is refused
+    unless ``allow_code`` (``--allow-code``), and then loaded only if its source hash matches.
+    """
     store = open_distilled(distilled)
     attrs = store.attrs
+    spec = load_spec(attrs["spec"], allow_code=allow_code, where=distilled)
     test_store = open_dataset(test)
     check_compatible(attrs, test_store, "--test")
+    test_store.check_content()
     x_s, y_s = store.support()
-    return attrs, test_store, KernelSpec.from_json(attrs["spec"]), x_s, y_s
+    return attrs, test_store, spec, x_s, y_s
 
 
-def evaluate(distilled: str, test: str, batch: int = 2048) -> dict[str, Any]:
+def evaluate(distilled: str, test: str, batch: int = 2048, allow_code: bool = False) -> dict[str, Any]:
     """Kernel regression from a distilled support set onto TEST: ``accuracy``, ``mse`` (see :class:`Evaluator`)."""
-    attrs, test_store, spec, x_s, y_s = open_support(distilled, test)
+    attrs, test_store, spec, x_s, y_s = open_support(distilled, test, allow_code)
     t0 = time.perf_counter()
     result = Evaluator(test_store, batch)(pair_kernel(spec), x_s, y_s, float(attrs["reg"]))
     return {"distilled": distilled, "test": test, "n_support": int(len(x_s)), "steps_done": attrs.get("steps_done"),
@@ -134,8 +141,8 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    base = os.path.splitext(os.path.abspath(out))[0]
-    paths = {"images_png": base + "_images.png", "curves_png": base + "_curves.png"}
+    paths = plot_paths(out)
+    store.group.attrs["plots"] = list(paths.values())  # ours: a --resume may replace them
     pixels = np.clip(data.affine.invert(x), 0.0, 1.0)
     c, cols = data.num_classes, min(ipc, 10)
     fig, axes = plt.subplots(c, cols, figsize=(cols * 1.1, c * 1.1), squeeze=False)
@@ -174,7 +181,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
             eval_every: int = 500, checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
             kss_tile: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT, target_augment: str = "auto",
             target_transform: kipmod.TargetTransform | None = None,
-            adversarial: str | None = None, pgd_steps: int = 10, adv_mix: float = 1.0) -> dict[str, Any]:
+            adversarial: str | None = None, pgd_steps: int = 10, adv_mix: float = 1.0,
+            overwrite: bool = False) -> dict[str, Any]:
     """Run KIP on DATA (see ``kernelscale distill --help``); returns the JSON summary.
 
     Raises :class:`NotConvergedError` (exit 3) when the loss becomes non-finite: the last good checkpoint stays.
@@ -187,6 +195,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     check_ipc(data, ipc)
     augment = TargetAugment.parse(target_augment, data.input_shape)
     data.check_rows()  # NaN/Inf rows or corrupt chunks are refused before any compute
+    data.check_content()  # and rows/labels edited behind the fingerprint's back (sampled chunks)
     if data.num_classes < 2:
         raise InputError(f"{data_path}: KIP needs at least 2 classes, found {data.num_classes}")
     data_like = {"input_shape": list(data.input_shape), "preprocess_digest": data.affine.digest(),
@@ -213,9 +222,11 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
               "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint,
               "target_augment": augment.describe()}
     config["adversarial"] = adv.config() if adv is not None else None
+    storage.check_disjoint(out, [("DATA", data_path), ("--val", val), ("--gram", gram)], "--out")
     exists = storage.exists(out)
     if exists and not resume:
         raise InputError(f"{out} already exists; pass --resume to continue it, or choose another --out")
+    check_plot_paths(out, resume, overwrite)
     if resume and not exists:
         raise InputError(f"--resume: {out} does not exist; run without --resume to start")
     store: DistilledStore | None = None
@@ -378,8 +389,35 @@ def _commit(store: DistilledStore, state: kipmod.KipState, history: dict[str, np
     if not all(np.isfinite(v).all() for v in leaves if np.issubdtype(v.dtype, np.floating)):
         raise NotConvergedError(f"KIP state became non-finite by step {step}; the last good checkpoint "
                                 f"(step {store.attrs.get('checkpoint')}) is kept in {store.path}. Lower --lr.")
-    store.write_checkpoint(step, leaves, history)
-    store.write_support(np.asarray(state.x), np.asarray(state.y), history, step)
+    try:
+        store.write_checkpoint(step, leaves, history)
+        store.write_support(np.asarray(state.x), np.asarray(state.y), history, step)
+    except OSError as exc:
+        if storage.is_disk_full(exc):
+            raise storage.disk_full_error(store.path, f"writing the checkpoint of step {step} (the committed "
+                                          f"checkpoint, step {store.attrs.get('checkpoint')}, is kept: rerun with "
+                                          "--resume)") from None
+        raise
+
+
+def plot_paths(out: str) -> dict[str, str]:
+    """Where distill writes its images and curves: ``<out>_images.png`` and ``<out>_curves.png``."""
+    base = os.path.splitext(os.path.abspath(out))[0]
+    return {"images_png": base + "_images.png", "curves_png": base + "_curves.png"}
+
+
+def check_plot_paths(out: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace a file distill did not write: the PNGs next to --out must be new, this store's own
+    (recorded in its ``plots`` attribute, on --resume), or replaced with --overwrite."""
+    if storage.is_url(out) or overwrite:
+        return
+    own: list[str] = []
+    if resume and storage.exists(out):
+        own = list(open_distilled(out).attrs.get("plots") or [])
+    for path in plot_paths(out).values():
+        if os.path.lexists(path) and path not in own:
+            raise InputError(f"{path} already exists and was not written by this distillation; pass --overwrite to "
+                             "replace it, or choose another --out")
 
 
 def _floor_and_ceiling(data: DatasetStore, gram: Any, rows: np.ndarray, reg: float, kern: kipmod.PairKernel,

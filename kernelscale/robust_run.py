@@ -21,7 +21,7 @@ import numpy as np
 from . import storage
 from .data import DatasetStore, open_dataset
 from .errors import InputError, StoreError
-from .kernels import KernelSpec
+from .kernels import load_spec
 from .robust import Attack, KernelPredictor, attack_rows
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,17 @@ class PredictorRecipe:
     x_train: np.ndarray | None = None
     data_path: str | None = None
     chunk: int = 4096
+    allow_code: bool = False  # the command's --allow-code: user code re-checked by hash in every process
 
     def build(self) -> KernelPredictor:
         from .kip_sharding import pair_kernel  # noqa: PLC0415
 
+        spec = load_spec(self.spec, allow_code=self.allow_code, where="the predictor's kernel spec")
         x = self.x_train
         if x is None:
             assert self.data_path is not None
             x = open_dataset(self.data_path).rows(0, len(self.weights))
-        return KernelPredictor(pair_kernel(KernelSpec.from_json(self.spec)), x, self.weights, self.chunk)
+        return KernelPredictor(pair_kernel(spec), x, self.weights, self.chunk)
 
 
 def _attack_slice(recipe: PredictorRecipe, test_path: str, start: int, stop: int, attack: Attack, seed: int,
@@ -105,7 +107,7 @@ def _check_options(limit: int | None, batch: int, workers: int, chunk: int) -> N
 
 
 def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | None = None, seed: int = 0,
-                     batch: int = 100, workers: int = 1) -> dict[str, Any]:
+                     batch: int = 100, workers: int = 1, allow_code: bool = False) -> dict[str, Any]:
     """PGD robust accuracy of kernel regression from a distilled support set on TEST's first ``limit`` rows."""
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -114,11 +116,12 @@ def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | 
     from .kip_sharding import pair_kernel  # noqa: PLC0415
 
     _check_options(limit, batch, workers, 1)
-    attrs, test_store, spec, x_s, y_s = open_support(distilled, test)
+    attrs, test_store, spec, x_s, y_s = open_support(distilled, test, allow_code)
     kern = pair_kernel(spec)
     xs = jnp.asarray(x_s, jnp.float32)
     weights = np.asarray(krr_weights(kern(xs, xs), jnp.asarray(y_s, jnp.float32), float(attrs["reg"])))
-    recipe = PredictorRecipe(spec.canonical(), weights, x_train=np.asarray(x_s, np.float32), chunk=len(x_s))
+    recipe = PredictorRecipe(spec.canonical(), weights, x_train=np.asarray(x_s, np.float32), chunk=len(x_s),
+                             allow_code=allow_code)
     n = test_store.n if limit is None else min(limit, test_store.n)
     t0 = time.perf_counter()
     rows = run_attack(recipe, test, n, attack, seed=seed, batch=batch, workers=workers)
@@ -145,7 +148,8 @@ def model_training_data(attrs: dict[str, Any], data: str | None) -> DatasetStore
 
 
 def attack_model(model: str, test: str, attack: Attack, *, data: str | None = None, limit: int | None = None,
-                 seed: int = 0, batch: int = 100, workers: int = 1, chunk: int = 4096) -> dict[str, Any]:
+                 seed: int = 0, batch: int = 100, workers: int = 1, chunk: int = 4096,
+                 allow_code: bool = False) -> dict[str, Any]:
     """PGD robust accuracy of a solved full-data model (``K(x, X_train) @ alpha``) on TEST's first rows.
 
     The gradient goes through the analytic kernel against all N training rows, ``chunk`` rows at a time.
@@ -156,6 +160,7 @@ def attack_model(model: str, test: str, attack: Attack, *, data: str | None = No
     attrs, alpha = open_model(model)
     if attrs.get("spec") is None:
         raise StoreError(f"{model} does not record its kernel spec; re-solve it with this kernelscale version")
+    spec = load_spec(attrs["spec"], allow_code=allow_code, where=model)  # before any data is read
     train = model_training_data(attrs, data)
     test_store = open_dataset(test)
     if test_store.input_shape != train.input_shape or test_store.affine.digest() != train.affine.digest():
@@ -163,9 +168,9 @@ def attack_model(model: str, test: str, attack: Attack, *, data: str | None = No
                          f"ingest it with --stats-from {train.path}")
     if test_store.num_classes != alpha.shape[1]:
         raise InputError(f"{test} has {test_store.num_classes} classes, the model {alpha.shape[1]}")
-    spec = KernelSpec.from_json(attrs["spec"])
     path = os.path.abspath(train.path) if not storage.is_url(train.path) else train.path
-    recipe = PredictorRecipe(spec.canonical(), alpha.astype(np.float32), data_path=path, chunk=chunk)
+    recipe = PredictorRecipe(spec.canonical(), alpha.astype(np.float32), data_path=path, chunk=chunk,
+                             allow_code=allow_code)
     n = test_store.n if limit is None else min(limit, test_store.n)
     t0 = time.perf_counter()
     rows = run_attack(recipe, test, n, attack, seed=seed, batch=batch, workers=workers)
@@ -174,7 +179,8 @@ def attack_model(model: str, test: str, attack: Attack, *, data: str | None = No
 
 def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Attack], *, reg: float = 1e-4,
                  reg_scale: str = "trace", seed: int = 0, limit: int | None = None, batch: int = 100,
-                 chunk: int = 4096, attack_seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                 chunk: int = 4096, attack_seed: int = 0, progress: bool = False,
+                 allow_code: bool = False) -> dict[str, Any]:
     """Clean and robust accuracy of KRR on nested class-balanced subsets of a stored train Gram.
 
     The subsets and solves are those of :func:`kernelscale.krr.curve` (first n rows of
@@ -201,7 +207,7 @@ def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Atta
         k_full = op.submatrix(order, order)
     y_all = ds.one_hot(order, centred=True).astype(np.float64)
     x_all = ds.take(order)
-    kern = pair_kernel(KernelSpec.from_json(gs.attrs["spec"]))
+    kern = pair_kernel(load_spec(gs.attrs["spec"], allow_code=allow_code, where=gram))
     n_test = ts.n if limit is None else min(limit, ts.n)
     pixels = np.clip(ts.affine.invert(ts.rows(0, n_test)), 0.0, 1.0)
     labels = ts.labels[:n_test]

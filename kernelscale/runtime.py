@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any, Iterator
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: JAX settings for every actor process: no 75% GPU pre-allocation per process, no TF32 surprises.
@@ -89,9 +91,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         "configure_logging": True,
     }
     if address:
-        log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": dict(ACTOR_ENV_VARS)}, **common)
-        return {"address": address, "started_local": False}
+        auth = check_remote_auth(address)  # before connecting: token auth on, or a clear warning
+        log.info("connecting to Ray cluster at %s (token auth %s)", address, auth)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": dict(ACTOR_ENV_VARS)}, **common)
+        except ray.exceptions.AuthenticationError as exc:
+            raise InputError(f"the Ray cluster at {address} refused this client's token (RAY_AUTH_MODE={auth}): use the "
+                             "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; "
+                             "cluster/README.md)") from None
+        return {"address": address, "started_local": False, "auth": auth}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet_token_notice()
     log.info("starting a local Ray cluster on 127.0.0.1 (no dashboard)")
@@ -138,6 +146,45 @@ def _scoped_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def check_remote_auth(address: str, environ: Any = None, home: str | None = None) -> str:
+    """Check this client's Ray token authentication before connecting to the cluster at ``address``.
+
+    Returns ``"token"`` when ``RAY_AUTH_MODE=token`` and a token is at hand (``RAY_AUTH_TOKEN``, the file named by
+    ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``), ``"off"`` otherwise, with one warning that the cluster is
+    reachable without a token for a non-loopback address. Raises :class:`InputError` when token mode is on but no
+    token can be read. Warns when the token file is readable by other users (it must be mode 600).
+    """
+    environ = os.environ if environ is None else environ
+    if str(environ.get("RAY_AUTH_MODE", "")).lower() != "token":
+        if not _is_loopback(address):
+            log.warning("connecting to the Ray cluster at %s without token authentication (RAY_AUTH_MODE is not "
+                        "'token' here): if the cluster runs without it too, anyone who can reach its ports can run "
+                        "code on it. Start it with RAY_AUTH_MODE=token and use its token (cluster/README.md)", address)
+        return "off"
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "token"
+    path = environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(home or os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InputError(f"RAY_AUTH_MODE=token but no token to connect to {address}: {path} is not readable "
+                         f"({exc.strerror}); set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or write the cluster's token "
+                         "to ~/.ray/auth_token (chmod 600)") from None
+    if not token:
+        raise InputError(f"RAY_AUTH_MODE=token but the token file {path} is empty; write the cluster's token there")
+    if mode & 0o077:
+        log.warning("the Ray token file %s is readable by other users (mode %o); run chmod 600 %s", path,
+                    mode & 0o777, path)
+    return "token"
 
 
 def _init_loopback(ray: Any, **kwargs: Any) -> None:

@@ -143,6 +143,7 @@ def check_replaceable(path: str, kind: str, flag: str = "--overwrite") -> None:
             what = "not a kernelscale store (a folder or file of yours?)"
         raise InputError(f"{path} exists and is {what}; kernelscale replaces only its own {kind} stores (with "
                          f"{flag}): choose another path, or move it away yourself")
+    check_symlinks(path)  # deleting or rewriting it must not reach files outside it
 
 
 def remove_store(path: str, kind: str) -> None:

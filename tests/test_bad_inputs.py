@@ -114,7 +114,9 @@ def test_gram_refuses_corrupt_dataset_chunk_and_empty_store(small, tmp_path, cap
     g["x"].resize((0, 4, 4, 1))
     g["labels"].resize((0,))
     code, summary, _ = cli(capsys, "gram", empty, "--arch", ARCH, "--out", str(out), "--tile", "16")
-    assert code == 2 and "has no rows" in summary["error"]
+    # its arrays no longer match its recorded row count (issue 16: the layout is checked on open)
+    assert code == 2 and "array 'x' has shape (0, 4, 4, 1), expected (12, 4, 4, 1)" in summary["error"]
+    assert "ingest the data again" in summary["error"]
     assert not out.exists()
 
 

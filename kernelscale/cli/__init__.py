@@ -155,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cli_words():  # error messages name flags (--overwrite), not keyword arguments
             summary = run(args)
-    except KernelscaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        summary = {"status": "error", "error": str(exc), "exit_code": exc.exit_code}
+    except (KernelscaleError, OSError) as exc:
+        exc = _as_kernelscale_error(exc)  # a full disk met outside a store's own handling: one line too
+        message = _plain(str(exc))
+        print(f"error: {message}", file=sys.stderr)
+        summary = {"status": "error", "error": message, "exit_code": exc.exit_code}
         summary.update(getattr(exc, "summary", {}) or {})
         code = exc.exit_code
     except KeyboardInterrupt as exc:
@@ -188,6 +190,26 @@ def _working_directory_on_path() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
+
+
+def _plain(text: str) -> str:
+    """An error message without ANSI colour codes (Ray colours its workers' messages)."""
+    import re  # noqa: PLC0415
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+def _as_kernelscale_error(exc: BaseException) -> KernelscaleError:
+    """``exc`` itself, or for an OSError of a full disk the one-line error naming the path and the free space;
+    any other OSError is re-raised (a bug to see with its traceback)."""
+    if isinstance(exc, KernelscaleError):
+        return exc
+    from ..storage import disk_full_error, is_disk_full  # noqa: PLC0415
+
+    if is_disk_full(exc):
+        path = getattr(exc, "filename", None) or "."
+        return disk_full_error(str(path), "writing")
+    raise exc
 
 
 def _ray_running() -> bool:

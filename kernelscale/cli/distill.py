@@ -49,6 +49,8 @@ def register(p: argparse.ArgumentParser) -> None:
                         "non-image rows), none, or a comma list of shift=K and flip, e.g. shift=2,flip (flip only "
                         "for mirror-symmetric classes)")
     p.add_argument("--out", required=True, metavar="DISTILLED.zarr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files at <out>_images.png / <out>_curves.png that this run did not write")
     p.add_argument("--adversarial", metavar="linf:EPS|l2:EPS",
                    help="adversarial KIP: replace target batches by PGD examples (pixel-space ball) against the support")
     p.add_argument("--pgd-steps", type=int, default=10, metavar="P", help="PGD steps per KIP step (default 10)")
@@ -64,5 +66,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers, seed=args.seed, init=args.init, gram=args.gram, val=args.val,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, adversarial=args.adversarial, pgd_steps=args.pgd_steps,
-        adv_mix=args.adv_mix, target_augment=args.target_augment,
+        adv_mix=args.adv_mix, target_augment=args.target_augment, overwrite=args.overwrite,
     )

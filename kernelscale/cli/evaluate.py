@@ -36,6 +36,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="models, for --attack: the model's training data (default: the data path its Gram recorded)")
     p.add_argument("--chunk", type=int, default=4096, metavar="N",
                    help="models, for --attack: training rows per kernel block in attack gradients (bounds memory)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="a store of user code: import that code (checked against its recorded source hash)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,14 +50,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = evaluate_model(args.store, args.cross, args.test)
         if attack is not None:
             summary.update(attack_model(args.store, args.test, attack, data=args.data, chunk=args.chunk,
-                                        **attack_kwargs(args)))
+                                        allow_code=args.allow_code, **attack_kwargs(args)))
     elif kind == "distilled":
         if args.cross:
             raise InputError(f"{args.store} is a distilled support set: it predicts from its own images, so it takes "
                              "no --cross; leave it out")
-        summary = evaluate_support(args.store, args.test, batch=args.batch)
+        summary = evaluate_support(args.store, args.test, batch=args.batch, allow_code=args.allow_code)
         if attack is not None:
-            summary.update(attack_distilled(args.store, args.test, attack, **attack_kwargs(args)))
+            summary.update(attack_distilled(args.store, args.test, attack, allow_code=args.allow_code,
+                                            **attack_kwargs(args)))
     else:
         raise InputError(_not_scorable(args.store, kind))
     return {"store_kind": kind} | summary

@@ -38,6 +38,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH.npz", help="save the solver state here")
     p.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="iterations between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint file instead of refusing")
     p.add_argument("--out", required=True, metavar="MODEL.zarr", help="model store to write (replaced if a model)")
 
 
@@ -47,6 +48,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_iter=args.max_iter, precond=args.precond, solver=args.solver, operator=args.operator,
         landmarks=args.landmarks, nystrom_residual=args.nystrom_residual, seed=args.seed,
         true_residual_every=args.true_residual_every, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, workers=args.workers,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -17,11 +17,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repair", action="store_true", help="recompute missing, corrupt or asymmetric tiles")
     p.add_argument("--workers", type=int, metavar="W", help="Ray actors for --repair")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster address for --repair")
+    p.add_argument("--allow-code", action="store_true",
+                   help="--repair of a Gram of user code: import that code (checked against its recorded source hash)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = verify_gram(args.gram, repair=args.repair, progress=not args.no_progress,
-                          workers=args.workers, address=args.address)
+                          workers=args.workers, address=args.address, allow_code=args.allow_code)
     if not summary["ok"]:
         summary["_exit_code"] = 2
     return summary

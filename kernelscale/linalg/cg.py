@@ -53,8 +53,8 @@ class CGOptions:
     checkpoint_every: int = 10
 
     def validate(self) -> None:
-        if not (self.tol > 0 and np.isfinite(self.tol)):
-            raise InputError(f"--tol must be a positive number, got {self.tol}")
+        if not 0 < self.tol < 1:
+            raise InputError(f"--tol must be in (0, 1) (a relative residual), got {self.tol}")
         if self.max_iter < 0:
             raise InputError(f"--max-iter must be >= 0, got {self.max_iter}")
         if self.true_residual_every < 0:
@@ -108,10 +108,20 @@ class CGState:
     def save(self, path: str) -> None:
         """Write atomically (tmp file + rename): a kill mid-write leaves the previous checkpoint intact."""
         tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, x=self.x, r=self.r, p=self.p, rz=self.rz, col=self.col, true_rel=self.true_rel,
-                 iteration=np.int64(self.iteration), history=np.asarray(self.history, np.float64),
-                 rhs_digest=np.str_(self.rhs_digest))
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, x=self.x, r=self.r, p=self.p, rz=self.rz, col=self.col, true_rel=self.true_rel,
+                     iteration=np.int64(self.iteration), history=np.asarray(self.history, np.float64),
+                     rhs_digest=np.str_(self.rhs_digest))
+            os.replace(tmp, path)
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)  # our own partial file: a rerun must not meet it
+            from ..storage import disk_full_error, is_disk_full  # noqa: PLC0415
+
+            if is_disk_full(exc):
+                raise disk_full_error(path, f"writing the solver checkpoint at iteration {self.iteration} (the "
+                                            "previous checkpoint is kept)") from None
+            raise
 
     @classmethod
     def load(cls, path: str) -> "CGState":
