@@ -236,14 +236,14 @@ class GramWorker:
         cfg = self.config
         if cfg["dtype"] == "float64":
             jax.config.update("jax_enable_x64", True)
-        if cfg.get("allow_code"):  # the driver was given --allow-code: re-check the source hash in this process
-            kernels.load_spec(cfg["spec"], allow_code=True, where=cfg["out"])
         self.store = open_gram(cfg["out"], "r+")
         self.data = {"rows": open_dataset(cfg["data"])}
         self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
-        if self.kernel_blob is not None:
+        if self.kernel_blob is not None:  # a compiled program: no user code is imported here
             self.fn = kernels.load_block_kernel(self.kernel_blob)
         else:
+            if cfg.get("allow_code"):  # the driver was given --allow-code: re-check the source hash here too
+                kernels.load_spec(cfg["spec"], allow_code=True, where=cfg["out"])
             self.fn = _block_kernel(cfg, self.kernel_callable)
 
     def _key(self, which: str, index: int) -> tuple[str, int]:
