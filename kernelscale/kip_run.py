@@ -167,7 +167,8 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
         lines += ax2.plot(hist["val_step"], hist["val_accuracy"], "o-", color="C1", label="val accuracy")
         ax2.set_ylabel("val accuracy")
     ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    ax.set_title(f"KIP: {store.attrs.get('kernel', '')} kernel, {ipc} images per class", fontsize=9)
+    ax.set_title(f"KIP: {store.attrs.get('arch', '')} {store.attrs.get('kernel', '')} kernel, {ipc} images per class",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(paths["curves_png"], dpi=80)
     plt.close(fig)
