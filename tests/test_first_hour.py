@@ -397,3 +397,39 @@ def test_every_third_party_import_of_the_package_is_declared():
     third_party = imported - set(sys.stdlib_module_names) - {"kernelscale"}
     assert "scipy" in third_party
     assert {dist.get(name, name).lower() for name in third_party} - declared == set()
+
+
+# -- 2. the README tour -----------------------------------------------------------------------------------------
+
+
+def _documented_commands(path: Path) -> list[list[str]]:
+    """Every `kernelscale ...` command in the ```bash blocks of a markdown file, as argv lists."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            for part in line.split(" ; "):
+                argv = shlex.split(part, comments=True)
+                if argv[:1] == ["kernelscale"]:
+                    commands.append(argv[1:])
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/user-guide.md"])
+def test_documented_commands_parse(doc):
+    commands = _documented_commands(ROOT / doc)
+    assert len(commands) >= 8
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)  # raises (exit 2) on an unknown flag or a missing argument
+
+
+def test_readme_tour_uses_the_best_preprocessing_and_is_timed():
+    readme = (ROOT / "README.md").read_text()
+    tour = readme.split("## A three-minute tour", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", tour, re.S).group(1)
+    assert "--preprocess standardize" in block and "zca" not in block
+    steps = [line for line in block.splitlines() if line.startswith("# ")]
+    assert steps and all(re.search(r"~\d+(-\d+)? (s|min)", line) for line in steps)
