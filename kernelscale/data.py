@@ -420,15 +420,15 @@ def open_source(src: str, fmt: str = "auto", resize: tuple[int, int] | None = No
         source = ImageFolderSource(src, resize)
     if resize is not None and not isinstance(source, ImageFolderSource):
         need = len(source) * resize[0] * resize[1] * source.row_shape[2] * 4
-        if need > _available_memory() // 2:
+        if need > available_memory() // 2:
             raise InputError(f"--resize {resize[0]}x{resize[1]} of {len(source)} in-memory rows needs "
                              f"{need / 2**30:.1f} GiB, more than half the available memory "
-                             f"({_available_memory() / 2**30:.1f} GiB); resize to fewer pixels or use --limit")
+                             f"({available_memory() / 2**30:.1f} GiB); resize to fewer pixels or use --limit")
         source = _resized(source, resize)
     return source
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     try:
         import psutil  # noqa: PLC0415
 

@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 
 from . import storage
+from .data import available_memory
 from .errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ class DistilledStore:
         """``(x (n_s, *shape), labels (n_s, C))`` as float32; refuses a store that holds no support yet."""
         if int(self.attrs.get("steps_done", -1)) < 0:
             raise StoreError(f"{self.path}: the distillation has not written a support set yet; rerun with --resume")
+        need = self.group["x"].nbytes + self.group["labels"].nbytes
+        if need > available_memory() // 2:
+            raise StoreError(f"{self.path}: its support set would need {need / 2**30:.1f} GiB, more than half the "
+                             f"available memory; {FIX}")
         x = np.asarray(self.group["x"][...], np.float32)
         labels = np.asarray(self.group["labels"][...], np.float32)
         if not (np.isfinite(x).all() and np.isfinite(labels).all()):

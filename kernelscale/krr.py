@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import storage
-from .data import DatasetStore, open_dataset
+from .data import DatasetStore, available_memory, open_dataset
 from .errors import InputError, NotConvergedError, StoreError
 from .gram_store import GramStore, open_gram
 from .linalg import (
@@ -190,6 +190,12 @@ def solve(
     check_gram_for_data(store, ds)
     ds.check_content()  # rows/labels edited behind the fingerprint's back are refused (sampled chunks)
     _check_out(out)
+    if solver == "cholesky" or operator == "memory":  # the whole Gram in memory (Cholesky: twice, in float64)
+        need = ds.n * ds.n * 8 * (2 if solver == "cholesky" else 1)
+        if need > available_memory():
+            raise InputError(f"{'--solver cholesky' if solver == 'cholesky' else '--operator memory'} needs "
+                             f"{need / 2**30:.1f} GiB for the {ds.n} x {ds.n} Gram, more than the "
+                             f"{available_memory() / 2**30:.1f} GiB available; use --solver cg --operator zarr")
     y = ds.one_hot(centred=True).astype(np.float64)
 
     diag = np.asarray(store.diag(), np.float64)
@@ -282,6 +288,9 @@ def check_model_layout(path: str, group: Any, attrs: dict[str, Any]) -> None:
     n = (metas.get("alpha") or {}).get("shape", [0])[0]
     storage.check_array(path, "alpha", metas.get("alpha"), dtype="float64", shape=(None, c),
                         chunks=(min(max(int(n), 1), 65536) if storage.is_int(n, 1) else None, c), fill="NaN", fix=fix)
+    if int(n) * c * 8 > available_memory() // 2:
+        raise StoreError(f"{path}: array 'alpha' of shape ({n}, {c}) would need {int(n) * c * 8 / 2**30:.1f} GiB, more "
+                         f"than half the available memory; {fix}")
 
 
 def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:

@@ -171,6 +171,20 @@ def test_stored_user_code_with_its_recorded_hash_runs_only_with_allow_code(small
     assert evil["marker"].exists()
 
 
+def test_gram_and_verify_repair_of_user_code_run_with_allow_code(small, evil, capsys, ray_local):
+    out = str(small["root"] / "code.zarr")
+    target = f"{evil['module']}:net"
+    code, summary, _ = cli(capsys, "gram", small["train"], "--arch", target, "--allow-code", "--out", out,
+                           "--tile", "16")
+    assert code == 0 and summary["tiles_computed"] == 6, summary
+    tile = Path(out) / "gram" / "c" / "1" / "2"
+    good = tile.read_bytes()
+    tile.unlink()
+    code, summary, _ = cli(capsys, "verify", out, "--repair", "--allow-code")
+    assert code == 0 and summary["repaired"] == 1 and summary["ok"], summary
+    assert tile.read_bytes() == good
+
+
 # -- 2. --overwrite deletes only our own stores; outputs never overlap inputs ---------------------------------
 
 
@@ -434,6 +448,29 @@ def test_two_first_runs_on_one_out_give_one_store_and_one_clear_refusal(small, c
     assert zarr.open_group(out, mode="r").attrs["spec"]["kernel"] == "ntk"
 
 
+def test_two_concurrent_first_runs_end_with_one_store_and_one_clear_refusal(small):
+    """The issue's row as it was reproduced: ntk and nngp started at once on one --out (two processes, each with
+    its own local Ray). Whichever wins, the other is refused with a message saying why."""
+    from fault_helpers import last_json, start_cli
+
+    out = str(small["root"] / "g.zarr")
+    procs = {kernel: start_cli("gram", small["train"], "--arch", ARCH, "--kernel", kernel, "--out", out, "--tile",
+                               "16", "--json", "--no-progress") for kernel in ("ntk", "nngp")}
+    results = {kernel: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for kernel, p in procs.items()}
+    codes = sorted(code for code, _, _ in results.values())
+    assert codes == [0, 2], results
+    winner = next(k for k, (code, _, _) in results.items() if code == 0)
+    loser_code, loser_out, loser_err = results["nngp" if winner == "ntk" else "ntk"]
+    message = last_json(loser_out)["error"]
+    assert any(why in message for why in ("being computed by another kernelscale driver", "holds a different Gram",
+                                          "created there meanwhile")), message
+    assert "Traceback" not in loser_err
+    assert zarr.open_group(out, mode="r").attrs["spec"]["kernel"] == winner
+    from kernelscale.engine import verify_gram
+
+    assert verify_gram(out, progress=False)["ok"]
+
+
 # -- 6. bounded input before compute --------------------------------------------------------------------------
 
 
@@ -573,6 +610,18 @@ def test_disk_full_writing_a_model_or_checkpoint_is_one_line_and_the_rerun_succe
     assert code == 0 and summary["status"] == "converged" and os.path.exists(ckpt)
 
 
+def test_disk_full_during_distill_is_one_line_and_the_rerun_finishes(small, tiny_disk, capsys):
+    out = str(tiny_disk.path / "d.zarr")
+    argv = ["distill", small["train"], "--arch", ARCH, "--ipc", "2", "--steps", "6", "--target-batch", "12",
+            "--checkpoint-every", "2", "--out", out]
+    code, summary, err = cli(capsys, *argv)
+    _one_line_disk_full(code, summary, err, out)
+    tiny_disk.resize("8m")
+    resume = ["--resume"] if os.path.exists(out) else []  # a store holding a committed checkpoint, or none at all
+    code, summary, _ = cli(capsys, *argv, *resume)
+    assert code == 0 and summary["steps_done"] == 6, summary
+
+
 def test_worker_errors_come_back_as_the_original_one_line_message(small, ray_local):
     def kernelscale_error(x1, x2, get):
         raise InputError("the original kernelscale message")
@@ -589,6 +638,39 @@ def test_worker_errors_come_back_as_the_original_one_line_message(small, ray_loc
                      progress=False, workers=1)
     assert str(info.value).endswith("ValueError: boom") and "\n" not in str(info.value)
     assert "\x1b[" not in str(info.value) and "Traceback" not in str(info.value)
+
+
+def test_an_error_in_a_ray_actor_reaches_the_cli_as_its_one_line_message(small, capsys, ray_local):
+    from fault_helpers import flip_byte
+
+    flip_byte(Path(small["gram"]) / "gram" / "c" / "0" / "1", 0.5)
+    code, summary, err = cli(capsys, "solve", small["gram"], "--data", small["train"], "--reg", "1e-3",
+                             "--operator", "ray", "--workers", "1", "--precond", "none",
+                             "--out", str(small["root"] / "m.zarr"))
+    assert_refused(code, summary, err, "tile (0, 1) is corrupt", "kernelscale verify")
+    assert "RayTaskError" not in summary["error"]
+
+
+def test_whole_gram_in_memory_is_refused_when_it_cannot_fit(small, capsys, monkeypatch):
+    from kernelscale import krr
+
+    monkeypatch.setattr(krr, "available_memory", lambda: 10_000)  # bytes: a 40 x 40 float64 Gram is 12,800
+    for argv, needle in ((["--solver", "cholesky"], "--solver cholesky needs"),
+                         (["--operator", "memory"], "--operator memory needs")):
+        code, summary, err = cli(capsys, "solve", small["gram"], "--data", small["train"], "--reg", "1e-3", *argv,
+                                 "--out", str(small["root"] / "m.zarr"))
+        assert_refused(code, summary, err, needle, "40 x 40")
+
+
+def test_stores_claiming_huge_arrays_are_refused_before_reading_them(small, capsys):
+    model = str(small["root"] / "model.zarr")
+    assert main(["solve", small["gram"], "--data", small["train"], "--reg", "1e-3", "--solver", "cholesky",
+                 "--out", model, "--no-progress"]) == 0
+    _edit_meta(model, "alpha", lambda m: (m.__setitem__("shape", [10**12, 3]),
+                                          m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [65536, 3])))
+    capsys.readouterr()
+    code, summary, err = cli(capsys, "evaluate", model, "--cross", small["cross"], "--test", small["test"])
+    assert_refused(code, summary, err, "array 'alpha' of shape (1000000000000, 3)", "more than half the available")
 
 
 # -- 9. Ray token authentication before connecting to a cluster --------------------------------------------------

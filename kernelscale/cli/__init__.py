@@ -202,6 +202,9 @@ def _plain(text: str) -> str:
 def _as_kernelscale_error(exc: BaseException) -> KernelscaleError:
     """``exc`` itself, or for an OSError of a full disk the one-line error naming the path and the free space;
     any other OSError is re-raised (a bug to see with its traceback)."""
+    cause = getattr(exc, "cause", None)  # a Ray worker's error arrives wrapped: use the original one
+    if isinstance(cause, (KernelscaleError, OSError)):
+        exc = cause
     if isinstance(exc, KernelscaleError):
         return exc
     from ..storage import disk_full_error, is_disk_full  # noqa: PLC0415
