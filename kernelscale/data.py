@@ -429,6 +429,7 @@ def open_source(src: str, fmt: str = "auto", resize: tuple[int, int] | None = No
 
 
 def available_memory() -> int:
+    """Available RAM of this machine in bytes."""
     try:
         import psutil  # noqa: PLC0415
 

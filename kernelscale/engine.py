@@ -129,7 +129,7 @@ def _claim_store(out: str, overwrite: bool) -> GramLock:
     the store's attributes under the lock (``lock.group``) and creates or validates the Gram there.
     """
     if storage.exists(out) and storage.store_kind(out) != "":
-        storage.check_replaceable(out, "gram")
+        storage.check_replaceable(out, "gram", deletes_root=False)  # emptied in place by --overwrite
     group = storage.open_group(out, "a")
     if dict(group.attrs).get("kernelscale") is None:
         extra = [name for name in storage.members(group, out) if name.split("/")[0] not in (LOCK_GROUP, "_progress")]

@@ -109,8 +109,8 @@ def store_kind(path: str) -> str | None:
         if fs.exists(key):
             text = fs.cat_file(key).decode(errors="replace")
     else:
-        key = os.path.join(path, "zarr.json")
-        if os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(key) and not os.path.islink(key):
+        key = os.path.join(path, "zarr.json")  # a link at the root itself is followed (a store on another disk)
+        if os.path.isdir(path) and os.path.isfile(key) and not os.path.islink(key):
             with open(key, encoding="utf-8", errors="replace") as f:
                 text = f.read(1 << 20)
     if text is None:
@@ -125,12 +125,13 @@ def store_kind(path: str) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def check_replaceable(path: str, kind: str, flag: str = "--overwrite") -> None:
+def check_replaceable(path: str, kind: str, flag: str = "--overwrite", deletes_root: bool = True) -> None:
     """Refuse to replace ``path`` unless it is a kernelscale store of ``kind`` (``--overwrite`` deletes only
-    kernelscale's own stores, never a user's folder or file)."""
+    kernelscale's own stores, never a user's folder or file) without links leaving it. ``deletes_root``: the
+    caller deletes the folder itself, so a link at ``path`` is refused too (a Gram is emptied in place instead)."""
     if not exists(path):
         return
-    if not is_url(path) and os.path.islink(path):
+    if deletes_root and not is_url(path) and os.path.islink(path):
         raise InputError(f"{path} is a symbolic link; {flag} replaces only a kernelscale {kind} store itself, "
                          "never a link's target: choose another path")
     found = store_kind(path)

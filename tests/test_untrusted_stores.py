@@ -425,6 +425,26 @@ def test_ingest_overwrite_refuses_a_dataset_store_holding_a_link_out(small, caps
     assert snapshot(small["root"]) == before
 
 
+def test_a_store_reached_through_a_link_at_its_root_resumes_but_is_never_deleted_through_it(small, capsys,
+                                                                                          ray_local):
+    elsewhere = small["root"] / "other_disk"
+    elsewhere.mkdir()
+    real = elsewhere / "g.zarr"
+    assert main(["gram", small["train"], "--arch", ARCH, "--out", str(real), "--tile", "16", "--no-progress"]) == 0
+    os.remove(real / "gram" / "c" / "0" / "1")
+    link = small["root"] / "g.zarr"
+    link.symlink_to(real, target_is_directory=True)
+    code, summary, _ = cli(capsys, "gram", small["train"], "--arch", ARCH, "--out", str(link))
+    assert code == 0 and summary["tiles_computed"] == 1 and summary["tiles_skipped"] == 5, summary
+    data_link = small["root"] / "d.zarr"
+    data_link.symlink_to(Path(small["test"]), target_is_directory=True)
+    before = snapshot(small["root"])
+    code, summary, err = cli(capsys, "ingest", _npz(elsewhere), str(data_link), "--overwrite")
+    assert_refused(code, summary, err, "is a symbolic link")
+    after = snapshot(small["root"])
+    assert {k: v for k, v in after.items() if not k.endswith("src.npz")} == before
+
+
 # -- 5. two concurrent first runs -------------------------------------------------------------------------------
 
 
