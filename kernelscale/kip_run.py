@@ -410,7 +410,13 @@ def plot_paths(out: str) -> dict[str, str]:
 def check_plot_paths(out: str, resume: bool, overwrite: bool) -> None:
     """Refuse to replace a file distill did not write: the PNGs next to --out must be new, this store's own
     (recorded in its ``plots`` attribute, on --resume), or replaced with --overwrite."""
-    if storage.is_url(out) or overwrite:
+    if storage.is_url(out):
+        return
+    for path in plot_paths(out).values():
+        if os.path.islink(path):
+            raise InputError(f"{path} is a symbolic link; distill writes its figures only as plain files (never "
+                             "through a link): remove the link or choose another --out")
+    if overwrite:
         return
     own: list[str] = []
     if resume and storage.exists(out):

@@ -579,6 +579,17 @@ def test_distill_never_overwrites_an_existing_png_without_overwrite(small, capsy
     assert not out.exists() and snapshot(small["root"]) == before
 
 
+def test_distill_never_writes_a_png_through_a_link_even_with_overwrite(small, capsys):
+    target = small["root"] / "precious.png"
+    target.write_text("a figure of mine")
+    (small["root"] / "dist_curves.png").symlink_to(target)
+    before = snapshot(small["root"])
+    code, summary, err = cli(capsys, "distill", small["train"], "--arch", ARCH, "--ipc", "2", "--steps", "1",
+                             "--target-batch", "12", "--out", str(small["root"] / "dist.zarr"), "--overwrite")
+    assert_refused(code, summary, err, "dist_curves.png is a symbolic link")
+    assert snapshot(small["root"]) == before
+
+
 # -- 8. disk full, worker errors --------------------------------------------------------------------------------
 
 
