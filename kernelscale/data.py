@@ -752,7 +752,8 @@ def _write_store(
         target = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
         shutil.rmtree(target)
     try:
-        group = storage.open_group(target, "w")
+        group = storage.open_group(target, "w-")
+        group.attrs["kernelscale"] = "dataset"  # ours from the first write: a partial store can be replaced
         flips = augment == "hflip"
         n = len(idx) * (2 if flips else 1)
         row_shape = tuple(source.row_shape)
