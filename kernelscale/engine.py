@@ -83,7 +83,8 @@ def default_tile(n: int, m: int, symmetric: bool) -> int:
     """Tile side: at most 4096, at least 4 tile bands along the longer side (min 256), and balanced.
 
     The bands are made equal (10,000 rows give 5 tiles of 2000, not 4 of 2048 and one of 1808), rounded up to
-    a multiple of 8, so edge tiles waste no padded kernel work.
+    a multiple of 8, so edge tiles waste no padded kernel work; never longer than the matrix (a 12-row dataset
+    gets one 12 x 12 tile).
     """
     length = max(n, m, 1)
     cap = MAX_TILE
@@ -91,7 +92,7 @@ def default_tile(n: int, m: int, symmetric: bool) -> int:
         cap //= 2
     bands = -(-length // cap)
     tile = -(-length // bands)
-    return max(8, tile + (-tile % 8))
+    return min(length, max(8, tile + (-tile % 8)))
 
 
 def default_sub_block(tile: int, symmetric: bool) -> int:

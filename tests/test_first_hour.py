@@ -433,3 +433,13 @@ def test_readme_tour_uses_the_best_preprocessing_and_is_timed():
     assert "--preprocess standardize" in block and "zca" not in block
     steps = [line for line in block.splitlines() if line.startswith("# ")]
     assert steps and all(re.search(r"~\d+(-\d+)? (s|min)", line) for line in steps)
+
+
+def test_default_tile_never_exceeds_a_small_matrix(tmp_path, rng):
+    from kernelscale import compute_gram, parse_arch
+    from kernelscale.engine import default_tile
+
+    assert [default_tile(n, n, True) for n in (1, 5, 12, 13, 40, 10_000)] == [1, 5, 12, 13, 40, 2000]
+    data = _npz_store(tmp_path, "d", rng.normal(size=(12, 3)))
+    summary = compute_gram(data, parse_arch("fc"), str(tmp_path / "g.zarr"), max_tiles=0, progress=False)
+    assert summary["tile"] == 12 and summary["tiles_total"] == 1
