@@ -47,7 +47,7 @@ def nt_batch_gram(spec, x: np.ndarray, batch_size: int, fast: bool = False) -> t
     """
     from kernelscale import kernels
 
-    fn = kernels.nt_batch(kernels.kernel_fn(spec, fast=fast), batch_size=batch_size)
+    fn = kernels.nt_batch(kernels.kernel_fn(spec, fast=fast, native=False), batch_size=batch_size)
     t = time.perf_counter()
     k = np.asarray(fn(x, x, spec.kernel))
     cold = time.perf_counter() - t

@@ -1,0 +1,177 @@
+"""kernelscale's native kernels (fc, convnet, myrtle) against float64 neural-tangents with ``stax.Relu``.
+
+Every comparison runs the native kernel in float32 and neural-tangents in float64, and bounds the error by
+1e-5 of max|K|, on the diagonal (self-pairs) and off it. The compiled CPU path (numba) is compared with the
+JAX path, and gradients (as KIP and PGD take them) with neural-tangents' own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernelscale import kernels, native
+
+TOL = 1e-5  # of max|K|
+
+
+def _x64():
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def _reference(spec, x1, x2):
+    """float64 neural-tangents (stax.Relu / stax.Erf): (nngp, ntk) of x1 with x2 (x2=None: with itself)."""
+    with _x64():
+        fn = kernels.kernel_fn(spec, fast=False, native=False)
+        out = fn(np.asarray(x1, np.float64), None if x2 is None else np.asarray(x2, np.float64), ("nngp", "ntk"))
+        return [np.asarray(k, np.float64) for k in out]
+
+
+def _native(spec, x1, x2):
+    out = native.kernel_fn(spec)(np.asarray(x1, np.float32), None if x2 is None else np.asarray(x2, np.float32),
+                                 ("nngp", "ntk"))
+    return [np.asarray(k, np.float64) for k in out]
+
+
+def _check(spec, shape, n1, n2, seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=(n1, *shape)).astype(np.float32)
+    # x2 shares two rows with x1: correlation 1 off the diagonal of a symmetric block too
+    x2 = np.concatenate([x1[:2], rng.normal(size=(n2, *shape)).astype(np.float32)])
+    for a, b in ((x1, None), (x1, x2)):
+        for name, ref, got in zip(("nngp", "ntk"), _reference(spec, a, b), _native(spec, a, b)):
+            scale = np.abs(ref).max()
+            err = np.abs(got - ref) / scale
+            where = "symmetric" if b is None else "cross"
+            assert err.max() <= TOL, f"{spec.describe()} {name} {where}: max error {err.max():.2e} of max|K|"
+            if b is None:
+                assert np.diagonal(err).max() <= TOL, f"{spec.describe()} {name}: diagonal off by {np.diagonal(err).max():.2e}"
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", ["relu", "erf"])
+def test_fc_equals_float64_neural_tangents(depth, activation):
+    _check(kernels.parse_arch(f"fc:depth={depth},activation={activation}"), (8, 8, 3), 6, 3)
+
+
+@pytest.mark.parametrize("depth, side", [(1, 8), (2, 8), (3, 8), (1, 16), (2, 16), (3, 16), (4, 16), (3, 32)])
+def test_convnet_equals_float64_neural_tangents(depth, side):
+    _check(kernels.parse_arch(f"convnet:depth={depth}"), (side, side, 3), 4 if side < 32 else 3, 2)
+
+
+@pytest.mark.parametrize("depth", [5, 7, 10])
+def test_myrtle_equals_float64_neural_tangents(depth):
+    _check(kernels.parse_arch(f"myrtle:depth={depth}"), (32, 32, 3), 2, 1)
+
+
+def test_random_specs_equal_float64_neural_tangents():
+    """Property-style: random architectures, W_std in [0.5, 2.5], b_std in [0, 1], depths, image sizes."""
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        w_std, b_std = rng.uniform(0.5, 2.5), rng.uniform(0.0, 1.0)
+        if trial % 2 == 0:
+            arch, shape = f"fc:depth={rng.integers(1, 5)},W_std={w_std:.4f},b_std={b_std:.4f}", (5, 5, 2)
+        else:
+            side = int(rng.choice([8, 12, 16]))
+            arch, shape = f"convnet:depth={rng.integers(1, 4)},W_std={w_std:.4f},b_std={b_std:.4f}", (side, side, 2)
+        _check(kernels.parse_arch(arch), shape, 4, 2, seed=trial)
+
+
+def test_constant_images_give_exact_diagonals():
+    """Zero backgrounds (MNIST-like) and constant images: correlation exactly 1 at many positions."""
+    rng = np.random.default_rng(3)
+    x = np.zeros((4, 16, 16, 1), np.float32)
+    x[0, 4:9, 5:11] = rng.normal(size=(5, 6, 1))
+    x[1] = 1.0
+    x[2, 8:] = 2.0
+    x[3] = rng.normal(size=(16, 16, 1))
+    for arch in ("convnet:depth=3,b_std=0.0", "convnet:depth=2,b_std=0.3", "fc:depth=3,b_std=0.0"):
+        spec = kernels.parse_arch(arch)
+        for name, ref, got in zip(("nngp", "ntk"), _reference(spec, x, None), _native(spec, x, None)):
+            assert np.isfinite(got).all()
+            assert np.abs(got - ref).max() <= TOL * np.abs(ref).max(), f"{arch} {name}"
+
+
+@pytest.mark.parametrize("arch, shape", [("fc:depth=3", (6, 6, 3)), ("convnet:depth=2", (8, 8, 2)),
+                                         ("convnet:depth=3", (16, 16, 1))])
+@pytest.mark.parametrize("get", ["ntk", "nngp"])
+def test_gradients_equal_float64_neural_tangents(arch, shape, get):
+    """d/dx of a KIP-style loss through K_ss and K_ts (both arguments), including self-pairs (theta = 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    spec = kernels.parse_arch(arch, get)
+    rng = np.random.default_rng(2)
+    xs = rng.normal(size=(4, *shape)).astype(np.float32)
+    xt = rng.normal(size=(5, *shape)).astype(np.float32)
+    yt = rng.normal(size=(5, 2))
+
+    def loss(fn, s, t):
+        k_ss = fn(s, s, get)
+        k_ts = fn(t, s, get)
+        w = jnp.linalg.solve(k_ss + 0.1 * jnp.trace(k_ss) / len(s) * jnp.eye(len(s)), jnp.ones((len(s), 2)))
+        return jnp.sum((k_ts @ w - yt) ** 2)
+
+    with _x64():
+        ref_fn = kernels.kernel_fn(spec, fast=False, native=False)
+        g_ref = jax.grad(lambda s, t: loss(ref_fn, s, t), argnums=(0, 1))(xs.astype(np.float64), xt.astype(np.float64))
+    g_nat = jax.grad(lambda s, t: loss(native.kernel_fn(spec), s, t), argnums=(0, 1))(xs, xt)
+    for ref, got in zip(g_ref, g_nat):
+        ref, got = np.asarray(ref), np.asarray(got, np.float64)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("arch, shape", [
+    ("convnet:depth=3", (32, 32, 3)),
+    ("convnet:depth=1", (8, 8, 3)),
+    ("convnet:depth=2,b_std=0.0", (12, 10, 1)),  # non-square, odd pooled sizes
+    ("convnet:depth=4,W_std=1.2,b_std=0.4", (16, 16, 2)),
+    ("myrtle:depth=5", (32, 32, 3)),
+])
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_compiled_cpu_path_equals_jax_path(arch, shape, kernel):
+    from kernelscale.native._api import CpuGram
+
+    spec = kernels.parse_arch(arch, kernel)
+    rng = np.random.default_rng(5)
+    x1 = rng.normal(size=(5, *shape)).astype(np.float32)
+    x2 = np.concatenate([x1[:1], rng.normal(size=(3, *shape)).astype(np.float32)])
+    cpu = CpuGram(spec, threads=2)
+    jax_block, jax_sym = native.block_kernel(spec), native.symmetric_kernel(spec)
+    for got, want in ((cpu.block(x1, x2), jax_block(x1, x2)), (cpu.symmetric(x1), jax_sym(x1))):
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    sym = cpu.symmetric(x1)
+    assert np.array_equal(sym, sym.T)
+
+
+def test_symmetric_call_equals_block_call_off_the_diagonal():
+    """g(x) computes each unordered pair once: the same numbers as the full block f(x, x) off the diagonal."""
+    spec = kernels.parse_arch("convnet:depth=2")
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
+    f, g = kernels.gram_calls(spec)
+    full, sym = np.asarray(f(x, x)), np.asarray(g(x))
+    off = ~np.eye(6, dtype=bool)
+    np.testing.assert_allclose(sym[off], full[off], rtol=1e-6)
+
+
+def test_band_layout_keeps_only_the_offsets_flatten_needs():
+    from kernelscale.native._conv import ConvNet
+    from kernelscale.native._layouts import BandLayout, FullLayout
+
+    lay = ConvNet.convnet(3, 1.4, 0.05, 32, 32).layout()
+    assert isinstance(lay, BandLayout) and (lay.dy, lay.dx) == (7, 7)  # 2**3 - 1 after three pools
+    assert ConvNet.convnet(3, 1.4, 0.05, 32, 32).entries_per_pair() == 15 * 32 * 15 * 32
+    assert isinstance(ConvNet.myrtle(5, 1.4, 0.0, 32, 32).layout(), FullLayout)  # global pooling: every offset
+    assert isinstance(ConvNet.convnet(3, 1.4, 0.05, 8, 8).layout(), FullLayout)  # the band covers the image
+
+
+def test_native_kernels_are_used_by_default_and_neural_tangents_for_user_code():
+    assert native.supports(kernels.parse_arch("convnet")) and native.supports(kernels.parse_arch("myrtle"))
+    assert native.supports(kernels.parse_arch("fc:activation=erf"))
+    assert not native.supports(kernels.parse_arch("fc:activation=gelu"))
+    assert kernels.KERNEL_IMPL_VERSION == "3"
+    assert kernels.versions()["kernel_impl"] == "3"
