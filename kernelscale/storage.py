@@ -149,9 +149,8 @@ def check_replaceable(path: str, kind: str, flag: str = "--overwrite", deletes_r
 
 def remove_store(path: str, kind: str) -> None:
     """Delete the kernelscale store of ``kind`` at ``path`` (``--overwrite``); refuses anything else."""
-    check_replaceable(path, kind)
+    check_replaceable(path, kind)  # its kind, a link at its root, links inside it
     if exists(path):
-        check_symlinks(path)
         remove(path)
 
 
@@ -182,8 +181,12 @@ def check_disjoint(out: str, inputs: Iterable[tuple[str, str | None]], out_flag:
 
 
 def check_symlinks(path: str) -> None:
-    """Refuse a local store with a symbolic link whose real path leaves the store (reads, writes and deletes
-    through it would reach files outside the store)."""
+    """Refuse a local store holding a symbolic link (the store's root itself may be one).
+
+    A link whose real path leaves the store would let reads, writes and deletes reach files outside it; one
+    inside the store would alias two chunks (a tile read or written as another, checksums still valid).
+    kernelscale never creates links in a store.
+    """
     if is_url(path) or not os.path.isdir(path):
         return
     root = _real(path)
@@ -197,11 +200,11 @@ def check_symlinks(path: str) -> None:
         for entry in entries:
             if entry.is_symlink():
                 target = os.path.realpath(entry.path)
-                if target != root and not target.startswith(root + os.sep):
-                    rel = os.path.relpath(entry.path, os.path.abspath(path))
-                    raise StoreError(f"{path}: member {rel!r} is a symbolic link to {target}, outside the store; "
-                                     "kernelscale never reads, writes or deletes through it: replace the link by "
-                                     "the real files or re-create the store")
+                where = "outside the store" if target != root and not target.startswith(root + os.sep) else "inside it"
+                rel = os.path.relpath(entry.path, os.path.abspath(path))
+                raise StoreError(f"{path}: member {rel!r} is a symbolic link to {target} ({where}); kernelscale "
+                                 "never reads, writes or deletes through links in a store: replace the link by the "
+                                 "real files or re-create the store")
             elif entry.is_dir(follow_symlinks=False):
                 todo.append(entry.path)
 

@@ -415,6 +415,20 @@ def test_symlinked_chunk_folder_is_refused_by_verify_repair_gram_and_overwrite(s
     assert snapshot(small["root"]) == before and (user / "1").read_text() == "precious"
 
 
+def test_a_link_between_two_chunk_folders_of_one_store_is_refused(small, capsys):
+    """A link inside the store would read tile (1, j) as tile (0, j), checksums valid: refused too."""
+    chunk_dir = Path(small["gram"]) / "gram" / "c" / "1"
+    for f in chunk_dir.iterdir():
+        f.unlink()
+    chunk_dir.rmdir()
+    chunk_dir.symlink_to(chunk_dir.parent / "0", target_is_directory=True)
+    before = snapshot(small["root"])
+    code, summary, err = cli(capsys, "solve", small["gram"], "--data", small["train"], "--reg", "1e-3",
+                             "--solver", "cholesky", "--out", str(small["root"] / "m.zarr"))
+    assert_refused(code, summary, err, "'gram/c/1' is a symbolic link", "(inside it)")
+    assert snapshot(small["root"]) == before
+
+
 def test_ingest_overwrite_refuses_a_dataset_store_holding_a_link_out(small, capsys):
     user = _user_folder(small["root"], "linked")
     os.symlink(user, Path(small["test"]) / "extra")
