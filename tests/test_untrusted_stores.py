@@ -20,7 +20,7 @@ import zarr
 
 from kernelscale import compute_gram, kernels, parse_arch
 from kernelscale.cli import main
-from kernelscale.data import ingest, open_dataset
+from kernelscale.data import open_dataset
 from kernelscale.distilled_store import create_distilled
 from kernelscale.errors import InputError, KernelscaleError, StoreError
 from kernelscale.runtime import check_remote_auth
