@@ -27,7 +27,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per actor (fractional packs several per GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--memory-budget", type=int, metavar="BYTES",
-                   help="bytes per worker for one kernel call (default: 40%% of available RAM / workers)")
+                   help="bytes per worker for one kernel call (default: 40%% of available RAM divided by the actors on "
+                        "this machine: --workers, or one per CPU, at most one per tile)")
     p.add_argument("--max-tiles", type=int, metavar="K", help="compute at most K of the missing tiles (sampling)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store of another Gram")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
