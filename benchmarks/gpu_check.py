@@ -5,7 +5,7 @@
 
 Prints one JSON object: the JAX backend and devices (``"fallback": "cpu"`` when there is no GPU), and per part
 the throughput: Gram entries/s (symmetric stored entries per wall second, Ray actors one per GPU), CG seconds
-per iteration, KIP seconds per step. Synthetic standardized 32x32x3 rows (8x8x3 with --small); nothing is
+per iteration, KIP seconds per step (fc, and ConvNet with the native kernel). Synthetic standardized 32x32x3 rows (8x8x3 with --small); nothing is
 downloaded. Actors run one per GPU (``--gpus-per-worker 1``; 0.5 packs two per GPU).
 """
 
@@ -20,9 +20,11 @@ import time
 
 import numpy as np
 
-FULL = {"side": 32, "myrtle_side": 32, "fc": 8192, "convnet": 512, "myrtle": 128, "solve": 8192, "kip_target": 2000, "kip_steps": 20}
+FULL = {"side": 32, "myrtle_side": 32, "fc": 8192, "convnet": 512, "myrtle": 128, "solve": 8192, "kip_target": 2000, "kip_steps": 20,
+        "conv_kip_target": 500, "conv_kip_steps": 5}
 # 8x8 images (Myrtle pools 5 times: it needs 32x32): a conv kernel's cost per pair grows as (H W)^2, so this is ~256x cheaper per entry than 32x32
-SMALL = {"side": 8, "myrtle_side": 32, "fc": 128, "convnet": 16, "myrtle": 3, "solve": 128, "kip_target": 64, "kip_steps": 3}
+SMALL = {"side": 8, "myrtle_side": 32, "fc": 128, "convnet": 16, "myrtle": 3, "solve": 128, "kip_target": 64, "kip_steps": 3,
+         "conv_kip_target": 16, "conv_kip_steps": 2}
 
 
 def devices() -> dict:
@@ -92,6 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
                 checkpoint_every=sizes["kip_steps"])
     result["kip"] = {"steps": sizes["kip_steps"], "seconds_per_step": k["seconds_per_step"],
                      "first_step_seconds": k["first_step_seconds"], "final_loss": k["final_loss"]}
+    if "convnet" in archs:  # ConvNet KIP (native kernel, gradients through JAX): 10 images per class
+        k = distill(os.path.join(work, "convnet.zarr"), out=os.path.join(work, "kip_convnet.zarr"), arch="convnet:depth=3",
+                    ipc=10 if not args.small else 1, steps=sizes["conv_kip_steps"],
+                    target_batch=min(sizes["conv_kip_target"], sizes["convnet"]), progress=False,
+                    checkpoint_every=sizes["conv_kip_steps"])
+        result["kip_convnet"] = {"steps": sizes["conv_kip_steps"], "target_batch": sizes["conv_kip_target"],
+                                 "seconds_per_step": k["seconds_per_step"], "first_step_seconds": k["first_step_seconds"]}
     print(json.dumps(result))
     return result
 

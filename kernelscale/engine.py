@@ -178,6 +178,15 @@ def _bytes_per_pair(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> 
     return kernels.bytes_per_pair(spec, input_shape)
 
 
+def _fixed_bytes(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> int:
+    """A worker's kernel working set that does not grow with the kernel call (native kernels' streamed steps)."""
+    arch = spec_json["arch"]
+    if arch in ("callable", "code"):
+        return 0
+    return kernels.fixed_bytes(kernels.KernelSpec(arch, dict(spec_json.get("params", {})),
+                                                  spec_json.get("kernel", "ntk")), input_shape)
+
+
 def _describe_mismatch(attrs: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """Human-readable differences between an existing store's attributes and this run's."""
     diffs = []
@@ -226,6 +235,7 @@ class GramWorker:
         self.prefetched: dict[tuple[str, int], Future] = {}
         self.write_seconds = 0.0  # background write time not yet reported
         self.kernel_blob: bytes | None = None
+        self.sym_fn: Callable | None = None  # x -> K(x, x), each unordered pair once (native kernels)
 
     def load_kernel(self, blob: bytes | None) -> None:
         """Use the driver's serialised kernel (see :func:`kernels.export_block_kernel`) instead of tracing."""
@@ -240,7 +250,10 @@ class GramWorker:
         self.store = open_gram(cfg["out"], "r+")
         self.data = {"rows": open_dataset(cfg["data"])}
         self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
-        if self.kernel_blob is not None:  # a compiled program: no user code is imported here
+        native_spec = _native_spec(cfg, self.kernel_callable)
+        if native_spec is not None:  # kernelscale's own kernels: block calls and symmetric diagonal calls
+            self.fn, self.sym_fn = kernels.gram_calls(native_spec, cfg["dtype"])
+        elif self.kernel_blob is not None:  # a compiled program: no user code is imported here
             self.fn = kernels.load_block_kernel(self.kernel_blob)
         else:
             if cfg.get("allow_code"):  # the driver was given --allow-code: re-check the source hash here too
@@ -319,8 +332,11 @@ class GramWorker:
         t_read = time.perf_counter()
         out = np.empty((nr, nc), self.config["dtype"])
         for a, b in sub_blocks(nr, nc, s, diagonal):
-            k = np.asarray(self.fn(x1[a // s], x2[b // s]))
             ra, rb = min(s, nr - a), min(s, nc - b)
+            if diagonal and a == b and self.sym_fn is not None:
+                k = np.asarray(self.sym_fn(x1[a // s][:ra]))  # exactly symmetric, exact diagonal
+            else:
+                k = np.asarray(self.fn(x1[a // s], x2[b // s]))
             if diagonal and a == b:
                 k = np.triu(k) + np.triu(k, 1).T  # exactly symmetric
             out[a : a + ra, b : b + rb] = k[:ra, :rb]
@@ -428,16 +444,18 @@ def compute_gram(
             raise InputError(f"tiles {bad[:5]} are not stored tiles of a {rows_t} x {cols_t} tile grid "
                              f"({'upper triangle i <= j' if symmetric else 'any i, j'})")
 
-    # memory: one kernel call of s x s pairs must fit the per-worker budget
+    # memory: the kernel's fixed working set plus one kernel call of s x s pairs must fit the per-worker budget
     bpp = _bytes_per_pair(spec_json, rows.input_shape)
+    fixed = _fixed_bytes(spec_json, rows.input_shape)
     if dtype == "float64":
-        bpp *= 2
+        bpp, fixed = 2 * bpp, 2 * fixed
     budget = int(memory_budget) if memory_budget else default_memory_budget(actors_per_node(workers, gpus_per_worker, len(grid)))
-    s = sub_block or min(sub_block_size(tile, bpp, budget), default_sub_block(tile, symmetric))
+    s = sub_block or min(sub_block_size(tile, bpp, budget - fixed), default_sub_block(tile, symmetric))
     if s < 1:
         raise InputError(
-            f"one pair of inputs needs about {bpp / 2**20:.1f} MiB in this kernel but the memory budget is "
-            f"{budget / 2**20:.1f} MiB per worker; raise --memory-budget, use fewer --workers, or smaller images"
+            f"this kernel needs about {fixed / 2**20:.1f} MiB of working memory plus {bpp / 2**20:.3g} MiB per pair "
+            f"of inputs but the memory budget is {budget / 2**20:.1f} MiB per worker; raise --memory-budget, use "
+            "fewer --workers, or smaller images"
         )
 
     if spec_json["arch"] in ("code", "callable"):
@@ -548,9 +566,20 @@ def check_kernel_output(spec_json: dict[str, Any], kernel_callable: Any, input_s
             "(stax.Flatten() or stax.GlobalAvgPool(), then stax.Dense(1))")
 
 
+def _native_spec(config: dict[str, Any], kernel_callable: Any) -> kernels.KernelSpec | None:
+    """The run's spec when kernelscale has its own kernel for it (:mod:`kernelscale.native`), else None."""
+    from . import native  # noqa: PLC0415
+
+    if kernel_callable is not None or config["spec"].get("arch") in ("callable", "code"):
+        return None
+    spec = kernels.KernelSpec.from_json(config["spec"])
+    return spec if native.supports(spec) else None
+
+
 def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None:
-    """The block kernel of this run serialised for the actors, or None (float64, or not exportable)."""
-    if config["dtype"] != "float32":
+    """The block kernel of this run serialised for the actors, or None (float64, native kernels, which
+    actors build themselves in well under a second, or not exportable)."""
+    if config["dtype"] != "float32" or _native_spec(config, kernel_callable) is not None:
         return None  # tracing float64 would need jax_enable_x64 in the driver process
     return kernels.export_block_kernel(_block_kernel(config, kernel_callable), int(config["sub_block"]),
                                        tuple(config["input_shape"]), config["dtype"])

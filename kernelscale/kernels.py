@@ -271,7 +271,7 @@ def _code_network(spec: KernelSpec) -> tuple[Callable, Callable, KernelFn]:
 # A faster ReLU layer (same kernel, same neural-tangents stax machinery)
 # ----------------------------------------------------------------------------------------------------------
 #: Bumped whenever kernel numerics change; enters every Gram fingerprint through :func:`versions`.
-KERNEL_IMPL_VERSION = "2"  # 2: ReLU through fast_relu (polynomial arctan2)
+KERNEL_IMPL_VERSION = "3"  # 2: ReLU through fast_relu (polynomial arctan2); 3: native structured kernels
 
 
 def _fast_atan2() -> Callable:
@@ -403,8 +403,18 @@ def network(spec: KernelSpec, width: int = 512, out_dim: int = 1, *, fast: bool 
     raise InputError(f"unknown architecture {spec.arch!r}")
 
 
-def kernel_fn(spec: KernelSpec, *, fast: bool = True) -> KernelFn:
-    """The analytic ``kernel_fn(x1, x2, get)`` of a spec (``fast=False``: with neural-tangents' stax.Relu)."""
+def kernel_fn(spec: KernelSpec, *, fast: bool = True, native: bool = True) -> KernelFn:
+    """The analytic ``kernel_fn(x1, x2, get)`` of a spec.
+
+    Built-in architectures (fc with relu/erf, convnet, myrtle) use kernelscale's own exact recursions
+    (:mod:`kernelscale.native`: structured convolutions, exact diagonals, differentiable). ``native=False``
+    builds neural-tangents' ``stax`` kernel instead (with :func:`fast_relu`, or with neural-tangents' own
+    ``stax.Relu`` when ``fast=False``: the reference the tests and benchmarks compare against).
+    """
+    from . import native as native_kernels  # noqa: PLC0415
+
+    if native and native_kernels.supports(spec):
+        return native_kernels.kernel_fn(spec)
     return network(spec, fast=fast)[2]
 
 
@@ -417,6 +427,20 @@ def pairwise(spec_or_fn: KernelSpec | KernelFn, get: str | None = None) -> Calla
     else:
         fn, get = spec_or_fn, get or "ntk"
     return jax.jit(lambda x1, x2: fn(x1, x2, get))
+
+
+def gram_calls(spec: KernelSpec, dtype: str = "float32") -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any] | None]:
+    """The forward Gram engine's kernel calls for a spec: ``(f(x1, x2) -> (n1, n2), g(x) -> (n, n) or None)``.
+
+    ``g`` is the symmetric call for diagonal blocks (each unordered pair once, exact diagonal); None when the
+    spec has no native kernel. Convolutional kernels run compiled CPU code (:mod:`kernelscale.native`) on a
+    CPU backend in float32, and the JAX recursion elsewhere (GPU, float64).
+    """
+    from . import native as native_kernels  # noqa: PLC0415
+
+    if not native_kernels.supports(spec):
+        return pairwise(spec), None
+    return native_kernels.gram_block(spec, dtype), native_kernels.gram_symmetric(spec, dtype)
 
 
 def export_block_kernel(fn: Callable[[Any, Any], Any], rows: int, input_shape: tuple[int, ...], dtype: str
@@ -478,9 +502,25 @@ def spatial_pairs(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
 
 
 def bytes_per_pair(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
-    """Estimated peak bytes per (x1, x2) pair in one kernel call (float32 intermediates, with headroom)."""
+    """Estimated peak bytes per (x1, x2) pair in one kernel call (float32 intermediates, with headroom).
+
+    Native convolutional kernels stream their pairs in steps of bounded size (``native.CHUNK_BYTES``), so a
+    call needs only its outputs per pair; neural-tangents' keep ~16 arrays of the full spatial covariance.
+    """
+    from . import native as native_kernels  # noqa: PLC0415
+
+    if native_kernels.supports(spec):
+        return native_kernels.bytes_per_pair(spec, input_shape)
     live_arrays = 16  # nngp, ntk, cov1, cov2 and temporaries, measured to stay below this
     return 4 * live_arrays * spatial_pairs(spec, input_shape) + 64
+
+
+def fixed_bytes(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
+    """Working memory of one kernel call that does not grow with its number of pairs (native kernels' streamed
+    steps and per-thread scratch); 0 for neural-tangents kernels, whose memory is all per pair."""
+    from . import native as native_kernels  # noqa: PLC0415
+
+    return native_kernels.fixed_bytes(spec, input_shape) if native_kernels.supports(spec) else 0
 
 
 def empirical_ntk_fn(apply_fn: Callable, **kwargs: Any) -> Callable:
@@ -501,7 +541,8 @@ def nt_batch(fn: KernelFn, batch_size: int, **kwargs: Any) -> KernelFn:
 def versions() -> dict[str, str]:
     """Versions of the libraries whose numerics enter a Gram's fingerprint."""
     import jax  # noqa: PLC0415
+    import numba  # noqa: PLC0415
 
     nt = _neural_tangents()
     return {"neural_tangents": getattr(nt, "__version__", "0.6.5"), "jax": jax.__version__,
-            "kernel_impl": KERNEL_IMPL_VERSION}
+            "numba": numba.__version__, "kernel_impl": KERNEL_IMPL_VERSION}

@@ -106,9 +106,9 @@ def test_convnet_small_images_in_memory_bounded_sub_calls(ray_local, tmp_path, r
     images = rng.normal(size=(20, 8, 8, 1))
     data = _npz_store(tmp_path, "conv", images)
     spec = parse_arch("convnet:depth=2", "ntk")
-    from kernelscale.kernels import bytes_per_pair
+    from kernelscale.kernels import bytes_per_pair, fixed_bytes
 
-    budget = 16 * bytes_per_pair(spec, (8, 8, 1))  # 4 x 4 pairs per kernel call
+    budget = fixed_bytes(spec, (8, 8, 1)) + 16 * bytes_per_pair(spec, (8, 8, 1))  # 4 x 4 pairs per kernel call
     out = str(tmp_path / "g.zarr")
     summary = compute_gram(data, spec, out, tile=8, memory_budget=budget, progress=False)
     assert summary["sub_block"] == 4

@@ -66,9 +66,13 @@ def test_networks_build_and_kernels_are_psd(arch):
     assert np.linalg.eigvalsh(k).min() > -1e-4 * np.abs(k).max()
 
 
-def test_conv_memory_estimate_grows_with_spatial_size():
+def test_conv_memory_estimate_native_streams_and_neural_tangents_grows_with_spatial_size():
     spec = kernels.parse_arch("convnet")
-    assert kernels.bytes_per_pair(spec, (32, 32, 3)) > 1000 * kernels.bytes_per_pair(spec, (4, 4, 3))
+    # native kernels stream pairs in bounded steps: a kernel call needs only its outputs per pair
+    assert kernels.bytes_per_pair(spec, (32, 32, 3)) == kernels.bytes_per_pair(spec, (4, 4, 3)) <= 256
+    # neural-tangents' (user code) keeps the full (H*W)^2 spatial covariance per pair
+    code = kernels.KernelSpec("code", {"target": "m:f"}, "ntk")
+    assert kernels.bytes_per_pair(code, (32, 32, 3)) > 1000 * kernels.bytes_per_pair(code, (4, 4, 3))
     assert kernels.spatial_pairs(kernels.parse_arch("fc"), (32, 32, 3)) == 1
 
 
@@ -97,7 +101,7 @@ def test_fast_relu_matches_neural_tangents_relu(arch, shape, get):
     rng = np.random.default_rng(1)
     x1 = rng.normal(size=(12, *shape)).astype(np.float32)
     x2 = np.concatenate([x1[:3], rng.normal(size=(5, *shape)).astype(np.float32)])  # shared rows: c = 1 exactly
-    ref, fast = _reference_network(spec), kernels.kernel_fn(spec)
+    ref, fast = _reference_network(spec), kernels.kernel_fn(spec, native=False)
     a, b = np.asarray(ref(x1, x2, get)), np.asarray(fast(x1, x2, get))
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5 * np.abs(a).max())
     # gradients through K_ss (as KIP takes them), including the diagonal where theta = 0

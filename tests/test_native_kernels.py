@@ -58,18 +58,18 @@ def test_fc_equals_float64_neural_tangents(depth, activation):
 
 @pytest.mark.parametrize("depth, side", [(1, 8), (2, 8), (3, 8), (1, 16), (2, 16), (3, 16), (4, 16), (3, 32)])
 def test_convnet_equals_float64_neural_tangents(depth, side):
-    _check(kernels.parse_arch(f"convnet:depth={depth}"), (side, side, 3), 4 if side < 32 else 3, 2)
+    _check(kernels.parse_arch(f"convnet:depth={depth}"), (side, side, 3), 4 if side < 32 else 2, 2 if side < 32 else 1)
 
 
 @pytest.mark.parametrize("depth", [5, 7, 10])
 def test_myrtle_equals_float64_neural_tangents(depth):
-    _check(kernels.parse_arch(f"myrtle:depth={depth}"), (32, 32, 3), 2, 1)
+    _check(kernels.parse_arch(f"myrtle:depth={depth}"), (32, 32, 3), 1, 1)
 
 
 def test_random_specs_equal_float64_neural_tangents():
     """Property-style: random architectures, W_std in [0.5, 2.5], b_std in [0, 1], depths, image sizes."""
     rng = np.random.default_rng(7)
-    for trial in range(6):
+    for trial in range(4):
         w_std, b_std = rng.uniform(0.5, 2.5), rng.uniform(0.0, 1.0)
         if trial % 2 == 0:
             arch, shape = f"fc:depth={rng.integers(1, 5)},W_std={w_std:.4f},b_std={b_std:.4f}", (5, 5, 2)
@@ -94,9 +94,9 @@ def test_constant_images_give_exact_diagonals():
             assert np.abs(got - ref).max() <= TOL * np.abs(ref).max(), f"{arch} {name}"
 
 
-@pytest.mark.parametrize("arch, shape", [("fc:depth=3", (6, 6, 3)), ("convnet:depth=2", (8, 8, 2)),
-                                         ("convnet:depth=3", (16, 16, 1))])
-@pytest.mark.parametrize("get", ["ntk", "nngp"])
+@pytest.mark.parametrize("arch, shape, get", [("fc:depth=3", (6, 6, 3), "ntk"), ("fc:depth=2", (6, 6, 3), "nngp"),
+                                              ("convnet:depth=2", (8, 8, 2), "nngp"),
+                                              ("convnet:depth=3", (8, 8, 1), "ntk")])
 def test_gradients_equal_float64_neural_tangents(arch, shape, get):
     """d/dx of a KIP-style loss through K_ss and K_ts (both arguments), including self-pairs (theta = 0)."""
     import jax
@@ -104,9 +104,9 @@ def test_gradients_equal_float64_neural_tangents(arch, shape, get):
 
     spec = kernels.parse_arch(arch, get)
     rng = np.random.default_rng(2)
-    xs = rng.normal(size=(4, *shape)).astype(np.float32)
-    xt = rng.normal(size=(5, *shape)).astype(np.float32)
-    yt = rng.normal(size=(5, 2))
+    xs = rng.normal(size=(3, *shape)).astype(np.float32)
+    xt = rng.normal(size=(3, *shape)).astype(np.float32)
+    yt = rng.normal(size=(3, 2))
 
     def loss(fn, s, t):
         k_ss = fn(s, s, get)
@@ -124,21 +124,22 @@ def test_gradients_equal_float64_neural_tangents(arch, shape, get):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("arch, shape", [
-    ("convnet:depth=3", (32, 32, 3)),
-    ("convnet:depth=1", (8, 8, 3)),
-    ("convnet:depth=2,b_std=0.0", (12, 10, 1)),  # non-square, odd pooled sizes
-    ("convnet:depth=4,W_std=1.2,b_std=0.4", (16, 16, 2)),
-    ("myrtle:depth=5", (32, 32, 3)),
+@pytest.mark.parametrize("arch, shape, kernel", [
+    ("convnet:depth=3", (32, 32, 3), "ntk"),
+    ("convnet:depth=1", (8, 8, 3), "nngp"),
+    ("convnet:depth=2,b_std=0.0", (12, 10, 1), "ntk"),  # non-square, odd pooled sizes
+    ("convnet:depth=4,W_std=1.2,b_std=0.4", (16, 16, 2), "nngp"),
+    ("myrtle:depth=5", (32, 32, 3), "ntk"),
+    ("myrtle:depth=7", (32, 32, 1), "nngp"),
 ])
-@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
 def test_compiled_cpu_path_equals_jax_path(arch, shape, kernel):
     from kernelscale.native._api import CpuGram
 
     spec = kernels.parse_arch(arch, kernel)
     rng = np.random.default_rng(5)
-    x1 = rng.normal(size=(5, *shape)).astype(np.float32)
-    x2 = np.concatenate([x1[:1], rng.normal(size=(3, *shape)).astype(np.float32)])
+    n = 3 if shape[0] == 32 else 5
+    x1 = rng.normal(size=(n, *shape)).astype(np.float32)
+    x2 = np.concatenate([x1[:1], rng.normal(size=(2, *shape)).astype(np.float32)])
     cpu = CpuGram(spec, threads=2)
     jax_block, jax_sym = native.block_kernel(spec), native.symmetric_kernel(spec)
     for got, want in ((cpu.block(x1, x2), jax_block(x1, x2)), (cpu.symmetric(x1), jax_sym(x1))):

@@ -17,6 +17,7 @@ from ._api import (
     CHUNK_BYTES,
     block_kernel,
     bytes_per_pair,
+    fixed_bytes,
     gram_block,
     gram_symmetric,
     kernel_fn,
@@ -24,5 +25,5 @@ from ._api import (
     symmetric_kernel,
 )
 
-__all__ = ["CHUNK_BYTES", "block_kernel", "bytes_per_pair", "gram_block", "gram_symmetric", "kernel_fn", "supports",
+__all__ = ["CHUNK_BYTES", "block_kernel", "bytes_per_pair", "fixed_bytes", "gram_block", "gram_symmetric", "kernel_fn", "supports",
            "symmetric_kernel"]

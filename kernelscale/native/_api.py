@@ -47,6 +47,20 @@ def bytes_per_pair(spec: Any, shape: tuple[int, ...]) -> int:
     return 64
 
 
+def fixed_bytes(spec: Any, shape: tuple[int, ...]) -> int:
+    """Working memory of a Gram call independent of its size: the JAX streamed step (``CHUNK_BYTES``) and, for
+    convolutional kernels, the compiled path's per-thread scratch (stage buffers and slabs of 32 pairs)."""
+    if spec.arch == "fc" or len(shape) != 3:
+        return 0
+    from . import _cpu  # noqa: PLC0415
+
+    net = _conv_net(spec, shape, True)
+    _, dims, map_off, buf_off = _cpu.stage_plan(net.ops, shape[0], shape[1])
+    h, w, c = shape
+    per_lane = 2 * int(buf_off[-1]) + 3 * h * w + 2 * c * h * w + 4 * int(map_off[-1])
+    return CHUNK_BYTES + cpu_threads() * 4 * _cpu.WIDTH * per_lane
+
+
 def _map_pairs(net: ConvNet, x1: Any, x2: Any, var1: list[Any], var2: list[Any], ii: np.ndarray,
                jj: np.ndarray, step: int) -> tuple[Any, Any]:
     """``pairs(net, x1[ii], x2[jj], ...)`` streamed ``step`` pairs at a time: ``(nngp (P,), ntk (P,))``."""
@@ -170,13 +184,18 @@ class CpuGram:
         from . import _cpu  # noqa: PLC0415
 
         shape = tuple(x.shape[1:])
-        if shape not in self._self_fns:
+        step = pairs_per_step(self.spec, shape)
+        if shape not in self._self_fns:  # one compilation per image shape: fixed-size calls of `step` images
             net = self._net(shape)
-            step = pairs_per_step(self.spec, shape)
-            self._self_fns[shape] = jax.jit(lambda a: _self_pairs(net, a, step))
-        nngp, ntk, variances = self._self_fns[shape](jnp.asarray(x, jnp.float32))
-        diag = np.asarray(ntk if self.spec.kernel == "ntk" else nngp)
-        return diag, _cpu.variance_maps([np.asarray(v) for v in variances])
+            self._self_fns[shape] = jax.jit(lambda a: net.layers(a, a, None, None))
+        n = x.shape[0]
+        padded = np.concatenate([x, np.repeat(x[:1], -n % step, axis=0)]).astype(np.float32)
+        diags, maps = [], []
+        for start in range(0, len(padded), step):
+            nngp, ntk, variances = self._self_fns[shape](jnp.asarray(padded[start : start + step]))
+            diags.append(np.asarray(ntk if self.spec.kernel == "ntk" else nngp))
+            maps.append(_cpu.variance_maps([np.asarray(v) for v in variances]))
+        return np.concatenate(diags)[:n], np.concatenate(maps)[:n]
 
     def _pairs(self, x1: np.ndarray, x2: np.ndarray, maps1: np.ndarray, maps2: np.ndarray, ii: np.ndarray,
                jj: np.ndarray) -> np.ndarray:

@@ -7,10 +7,10 @@ For a ReLU layer with input covariance ``c`` between two positions of variances 
 
 ``dot`` (the NTK factor) has an infinite derivative at rho = 1, so any rounding of ``rho`` below 1 on a self-pair
 becomes an error of sqrt(2 eps) in the NTK: the 1e-3 relative error of the usual ``sqrt(v1 v2 - c^2)`` form.
-Here ``rho`` is formed by one correctly rounded division of ``c`` by ``sqrt(v1 v2)``, so whenever ``c``, ``v1``
-and ``v2`` are the same number (a position with itself, constant image regions) ``rho`` is exactly 1 and
-``theta`` exactly 0; pairs that rounding pushes past +-1 are clamped, and a correlation within 4 ulp of 1
-(equal inputs met in different blocks) is 1. Gradients follow neural-tangents: zero
+Here ``rho`` is rounded to exactly 1 when it is within 4 ulp of 1, below the rounding of
+``c / sqrt(v1 v2)`` itself: whenever ``c``, ``v1`` and ``v2`` are equal in exact arithmetic (a position with
+itself, constant image regions, equal inputs met in different blocks) ``theta`` is exactly 0; pairs that
+rounding pushes past +-1 are clamped. Gradients follow neural-tangents: zero
 derivative of ``dot`` where ``sin(theta) = 0``.
 """
 
@@ -88,12 +88,22 @@ def _safe_sqrt_jvp(primals: Any, tangents: Any) -> Any:
     return root, jnp.where(root > 0, x_dot / (2.0 * jnp.where(root > 0, root, 1.0)), 0.0)
 
 
+def _root_and_inverse(var: Any) -> tuple[Any, Any]:
+    """(sqrt(v), 1/sqrt(v)), both 0 where v <= 0 (zero derivatives there)."""
+    root = safe_sqrt(var)
+    return root, jnp.where(root > 0, 1.0 / jnp.where(root > 0, root, 1.0), 0.0)
+
+
 def relu(cov: Any, var1: Any, var2: Any) -> tuple[Any, Any]:
-    """ReLU layer on covariances: ``(nngp', dot)``, both shaped like ``cov`` (var1, var2 broadcast to it)."""
-    g = safe_sqrt(var1 * var2)
-    rho = cov / jnp.where(g > 0, g, 1.0)
-    j, dot = relu_j(rho)
-    return g * j, dot
+    """ReLU layer on covariances: ``(nngp', dot)``, both shaped like ``cov`` (var1, var2 broadcast to it).
+
+    Square roots are taken of the variances (per input and position, before broadcasting), so each entry
+    costs multiplications only: rho = c (1/sqrt(v1)) (1/sqrt(v2)), within 3 ulp of the exact quotient and
+    snapped to 1 within 4 ulp of it (a self-pair's correlation is exactly 1)."""
+    root1, inv1 = _root_and_inverse(var1)
+    root2, inv2 = _root_and_inverse(var2)
+    j, dot = relu_j(cov * inv1 * inv2)
+    return root1 * root2 * j, dot
 
 
 def erf(cov: Any, var1: Any, var2: Any) -> tuple[Any, Any]:

@@ -24,34 +24,76 @@ PI = math.pi
 INV_TWO_PI = 1.0 / (2.0 * math.pi)
 #: a correlation within this of 1 is 1 (it is below float32's rounding of c / sqrt(v1 v2))
 SNAP = 1.0 - 4.8e-7
+#: pairs computed together by one thread, innermost (vectorised) in every loop
+WIDTH = 32
 
 
 @njit(cache=True, fastmath=True)
-def _box(src: np.ndarray, dst: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
-    """dst = 3x3 box sum of src (H, W, P) over the rectangle [y0, y1) x [x0, x1), zero outside it."""
+def _box_rows(src: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+    """tmp = src summed over the shifts x-1, x, x+1 inside [x0, x1) (zero outside), rows [y0, y1)."""
     n_p = src.shape[2]
     for y in range(y0, y1):
-        for x in range(x0, x1):
-            left, right = x > x0, x + 1 < x1
+        if x1 - x0 == 1:
             for p in range(n_p):
-                tmp[y, x, p] = src[y, x, p]
-            if left:
-                for p in range(n_p):
-                    tmp[y, x, p] += src[y, x - 1, p]
-            if right:
-                for p in range(n_p):
-                    tmp[y, x, p] += src[y, x + 1, p]
+                tmp[y, x0, p] = src[y, x0, p]
+            continue
+        for p in range(n_p):
+            tmp[y, x0, p] = src[y, x0, p] + src[y, x0 + 1, p]
+        for x in range(x0 + 1, x1 - 1):
+            for p in range(n_p):
+                tmp[y, x, p] = src[y, x - 1, p] + src[y, x, p] + src[y, x + 1, p]
+        for p in range(n_p):
+            tmp[y, x1 - 1, p] = src[y, x1 - 2, p] + src[y, x1 - 1, p]
+
+
+@njit(cache=True, fastmath=True)
+def _conv_nngp(src: np.ndarray, dst: np.ndarray, copy: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int,
+               x1: int, scale: np.float32, shift: np.float32, with_copy: bool) -> None:
+    """dst = scale * (3x3 box sum of src over the rectangle, zero outside) + shift; also into ``copy`` when
+    ``with_copy`` (the first layer's NTK equals its NNGP). dst may be src."""
+    n_p = src.shape[2]
+    _box_rows(src, tmp, y0, y1, x0, x1)
     for y in range(y0, y1):
         up, down = y > y0, y + 1 < y1
         for x in range(x0, x1):
-            for p in range(n_p):
-                dst[y, x, p] = tmp[y, x, p]
-            if up:
+            if up and down:
                 for p in range(n_p):
-                    dst[y, x, p] += tmp[y - 1, x, p]
-            if down:
+                    dst[y, x, p] = scale * (tmp[y - 1, x, p] + tmp[y, x, p] + tmp[y + 1, x, p]) + shift
+            elif up:
                 for p in range(n_p):
-                    dst[y, x, p] += tmp[y + 1, x, p]
+                    dst[y, x, p] = scale * (tmp[y - 1, x, p] + tmp[y, x, p]) + shift
+            elif down:
+                for p in range(n_p):
+                    dst[y, x, p] = scale * (tmp[y, x, p] + tmp[y + 1, x, p]) + shift
+            else:
+                for p in range(n_p):
+                    dst[y, x, p] = scale * tmp[y, x, p] + shift
+            if with_copy:
+                for p in range(n_p):
+                    copy[y, x, p] = dst[y, x, p]
+
+
+@njit(cache=True, fastmath=True)
+def _conv_ntk(st: np.ndarray, sn: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int, x1: int,
+              scale: np.float32) -> None:
+    """st = sn + scale * (3x3 box sum of st over the rectangle, zero outside): a conv layer's NTK."""
+    n_p = st.shape[2]
+    _box_rows(st, tmp, y0, y1, x0, x1)
+    for y in range(y0, y1):
+        up, down = y > y0, y + 1 < y1
+        for x in range(x0, x1):
+            if up and down:
+                for p in range(n_p):
+                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y - 1, x, p] + tmp[y, x, p] + tmp[y + 1, x, p])
+            elif up:
+                for p in range(n_p):
+                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y - 1, x, p] + tmp[y, x, p])
+            elif down:
+                for p in range(n_p):
+                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y, x, p] + tmp[y + 1, x, p])
+            else:
+                for p in range(n_p):
+                    st[y, x, p] = sn[y, x, p] + scale * tmp[y, x, p]
 
 
 @njit(cache=True, fastmath=True)
@@ -134,17 +176,11 @@ def _pairs_batch(a: np.ndarray, b: np.ndarray, maps1: np.ndarray, maps2: np.ndar
                     for y in range(y0, y1):
                         for x in range(x0, x1):
                             for p in range(n_p):
-                                sn[y, x, p] = 0.0
-                            for ch in range(c_in):
+                                sn[y, x, p] = a[0, y, x, p] * b[0, y + dy, x + dx, p]
+                            for ch in range(1, c_in):
                                 for p in range(n_p):
                                     sn[y, x, p] += a[ch, y, x, p] * b[ch, y + dy, x + dx, p]
-                    _box(sn, sn, tmp, y0, y1, x0, x1)
-                    for y in range(y0, y1):
-                        for x in range(x0, x1):
-                            for p in range(n_p):
-                                v = scale0 * sn[y, x, p] + b2f
-                                sn[y, x, p] = v
-                                st[y, x, p] = v
+                    _conv_nngp(sn, sn, st, tmp, y0, y1, x0, x1, scale0, b2f, True)
                     first_op = 1
                 else:
                     o = buf_off[k]
@@ -157,15 +193,9 @@ def _pairs_batch(a: np.ndarray, b: np.ndarray, maps1: np.ndarray, maps2: np.ndar
                 for j in range(first_op, stage_ops.shape[1]):
                     op = stage_ops[k, j]
                     if op == OP_CONV:
-                        _box(sn, sn, tmp, y0, y1, x0, x1)
+                        _conv_nngp(sn, sn, st, tmp, y0, y1, x0, x1, w2_9, b2f, False)
                         if ntk:
-                            _box(st, st, tmp, y0, y1, x0, x1)
-                        for y in range(y0, y1):
-                            for x in range(x0, x1):
-                                for p in range(n_p):
-                                    v = w2_9 * sn[y, x, p] + b2f
-                                    sn[y, x, p] = v
-                                    st[y, x, p] = v + w2_9 * st[y, x, p]
+                            _conv_ntk(st, sn, tmp, y0, y1, x0, x1, w2_9)
                     elif op == OP_ACT:
                         _relu(sn, st, maps1, maps2, map_off[act], w, y0, y1, x0, x1, dy, dx)
                         act += 1
@@ -299,7 +329,7 @@ def variance_maps(variances: list[np.ndarray]) -> np.ndarray:
 
 
 def gram_pairs(ops: tuple[str, ...], w_std: float, b_std: float, ntk: bool, x1: np.ndarray, x2: np.ndarray,
-               maps1: np.ndarray, maps2: np.ndarray, ii: np.ndarray, jj: np.ndarray, width: int = 16
+               maps1: np.ndarray, maps2: np.ndarray, ii: np.ndarray, jj: np.ndarray, width: int = WIDTH
                ) -> tuple[np.ndarray, np.ndarray]:
     """``(nngp, ntk)`` of pairs ``(x1[ii], x2[jj])``: images (n, H, W, C), maps from :func:`variance_maps`."""
     h, w = x1.shape[1], x1.shape[2]

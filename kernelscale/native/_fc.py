@@ -42,7 +42,10 @@ class FCNet:
         f2 = f1 if x2 is None else x2.reshape(x2.shape[0], -1)
         self1 = self.self_pairs(f1)
         self2 = self1 if x2 is None else self.self_pairs(f2)
-        nngp = w2 * (f1 @ f2.T) / f1.shape[1] + b2
+        cov = f1 @ f2.T
+        if x2 is None:  # exactly symmetric: the upper triangle mirrored
+            cov = jnp.triu(cov) + jnp.triu(cov, 1).T
+        nngp = w2 * cov / f1.shape[1] + b2
         ntk = nngp
         for v1, v2 in zip(self1[2], self2[2]):
             act_nngp, dot = act(nngp, v1[:, None], v2[None, :])
