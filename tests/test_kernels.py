@@ -28,7 +28,7 @@ def test_parse_defaults_and_canonical_json():
         ("fc:activation=tanh", "activation must be one of"),
         ("myrtle:depth=6", "depth must be one of"),
         ("fc:depth", "expected key=value"),
-        ("os.path:join", "--allow-code"),
+        ("os.path:join", "allow_code=True"),  # the Python API names the keyword (the CLI: --allow-code)
     ],
 )
 def test_bad_specs_are_refused_with_a_message(text, match):
