@@ -15,11 +15,13 @@ def test_import_kernelscale_does_not_load_tensorflow_or_heavy_libs():
     code = (
         "import sys, kernelscale, kernelscale.kernels as k;"
         "spec = k.parse_arch('fc:depth=2');"
-        "k.kernel_fn(spec);"
+        "k.kernel_fn(spec);"  # native kernel: neural-tangents not needed
+        "print('neural_tangents' in sys.modules);"
+        "k.kernel_fn(spec, native=False);"  # neural-tangents' stax (the reference, user code): loads without tensorflow
         "print('tensorflow' in sys.modules, 'neural_tangents' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "True"]
+    assert out == ["False", "False", "True"]
 
 
 def test_pinned_versions_and_kernel_value():
