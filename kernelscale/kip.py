@@ -235,7 +235,8 @@ def tile_pairs(n: int, tile: int) -> list[tuple[int, int, int, int]]:
 
 def kss_tile(kernel: PairKernel, x_s: Any, bounds: tuple[int, int, int, int]) -> jax.Array:
     r0, r1, c0, c1 = bounds
-    return kernel(x_s[r0:r1], x_s[c0:c1])
+    a = x_s[r0:r1]
+    return kernel(a, a if (r0, r1) == (c0, c1) else x_s[c0:c1])  # one array twice: a symmetric, exact diagonal
 
 
 def kss_tile_vjp(kernel: PairKernel, x_s: Any, bounds: tuple[int, int, int, int], grad_kss: Any) -> jax.Array:
@@ -244,6 +245,10 @@ def kss_tile_vjp(kernel: PairKernel, x_s: Any, bounds: tuple[int, int, int, int]
     cot = grad_kss[r0:r1, c0:c1]
     if r0 != c0:
         cot = cot + grad_kss[c0:c1, r0:r1].T
+    if (r0, r1) == (c0, c1):  # a diagonal tile: K(a, a) as one function of a (the kernel's symmetric call)
+        _, vjp = jax.vjp(lambda a: kernel(a, a), x_s[r0:r1])
+        (ga,) = vjp(cot)
+        return jnp.zeros_like(x_s).at[r0:r1].add(ga)
     _, vjp = jax.vjp(kernel, x_s[r0:r1], x_s[c0:c1])
     ga, gb = vjp(cot)
     return jnp.zeros_like(x_s).at[r0:r1].add(ga).at[c0:c1].add(gb)

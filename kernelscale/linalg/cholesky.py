@@ -13,6 +13,11 @@ from .cg import Solution
 log = logging.getLogger(__name__)
 
 
+#: largest true relative residual a direct solve reports as converged (a backward-stable factor of a
+#: well-posed system leaves ~1e-12; a singular one leaves residuals of order 1 or more)
+DIRECT_RESIDUAL_MAX = 1e-4
+
+
 def cholesky_solve(k: np.ndarray, b: np.ndarray, reg: float = 0.0) -> Solution:
     """Solve (K + reg I) X = B in float64. K (N, N) symmetric, B (N,) or (N, k).
 
@@ -39,6 +44,11 @@ def cholesky_solve(k: np.ndarray, b: np.ndarray, reg: float = 0.0) -> Solution:
         bn = np.linalg.norm(b2, axis=0)
         res = b2 - (k @ x + reg * x)  # float32 K is promoted to float64
         rel = np.linalg.norm(res, axis=0) / np.where(bn > 0, bn, 1.0)
+        if not np.all(rel <= DIRECT_RESIDUAL_MAX):  # a factor of a numerically singular K: no solution
+            status = "breakdown"
+            message = (f"Cholesky factored K + reg*I but the true relative residual is {float(np.max(rel)):.2e} "
+                       f"(> {DIRECT_RESIDUAL_MAX:g}): the matrix is numerically singular (duplicate inputs?). "
+                       "Use a larger --reg.")
     else:
         rel = np.full(b2.shape[1], np.inf)
     sol = Solution(x[:, 0] if vector else x, status, message, 0, np.asarray(rel, np.float64),
