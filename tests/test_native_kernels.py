@@ -58,7 +58,7 @@ def test_fc_equals_float64_neural_tangents(depth, activation):
 
 @pytest.mark.parametrize("depth, side", [(1, 8), (2, 8), (3, 8), (1, 16), (2, 16), (3, 16), (4, 16), (3, 32)])
 def test_convnet_equals_float64_neural_tangents(depth, side):
-    _check(kernels.parse_arch(f"convnet:depth={depth}"), (side, side, 3), 4 if side < 32 else 2, 2 if side < 32 else 1)
+    _check(kernels.parse_arch(f"convnet:depth={depth}"), (side, side, 3), 4 if side < 32 else 1, 2 if side < 32 else 1)
 
 
 @pytest.mark.parametrize("depth", [5, 7, 10])
@@ -95,7 +95,7 @@ def test_constant_images_give_exact_diagonals():
 
 
 @pytest.mark.parametrize("arch, shape, get", [("fc:depth=3", (6, 6, 3), "ntk"), ("fc:depth=2", (6, 6, 3), "nngp"),
-                                              ("convnet:depth=2", (8, 8, 2), "nngp"),
+                                              ("convnet:depth=2", (8, 8, 1), "nngp"),
                                               ("convnet:depth=3", (8, 8, 1), "ntk")])
 def test_gradients_equal_float64_neural_tangents(arch, shape, get):
     """d/dx of a KIP-style loss through K_ss and K_ts (both arguments), including self-pairs (theta = 0)."""
@@ -104,9 +104,9 @@ def test_gradients_equal_float64_neural_tangents(arch, shape, get):
 
     spec = kernels.parse_arch(arch, get)
     rng = np.random.default_rng(2)
-    xs = rng.normal(size=(3, *shape)).astype(np.float32)
-    xt = rng.normal(size=(3, *shape)).astype(np.float32)
-    yt = rng.normal(size=(3, 2))
+    xs = rng.normal(size=(2, *shape)).astype(np.float32)
+    xt = rng.normal(size=(2, *shape)).astype(np.float32)
+    yt = rng.normal(size=(2, 2))
 
     def loss(fn, s, t):
         k_ss = fn(s, s, get)

@@ -150,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     try:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM alone
-        previous_sigterm = None
+        # Ctrl-C raises KeyboardInterrupt even if a library (an in-process Ray) replaced Python's handler
+        previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave the signals alone
+        previous_sigterm = previous_sigint = None
     try:
         with cli_words():  # error messages name flags (--overwrite), not keyword arguments
             summary = run(args)
@@ -170,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     if not ray_was_running:  # Ray forwards worker log lines to stdout until it stops: keep the JSON last
         _stop_ray()
     summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
