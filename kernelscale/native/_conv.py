@@ -1,9 +1,9 @@
 """Exact NNGP/NTK recursions of convolutional networks (KIP's ConvNet, Myrtle) on pairs of images.
 
 A network is a list of ops, each ``"conv"`` (3x3 SAME, ``W_std``, ``b_std``), ``"act"`` (ReLU) or ``"pool"``
-(2x2 stride-2 average), ending in Flatten + Dense. :func:`self_pairs` runs it on each image with itself and
-returns the per-position variances every activation needs; :func:`pairs` runs it on aligned pairs (a[p], b[p])
-given those variances. Both are the same code; on a self-pair the variance of a position is read from the
+(2x2 stride-2 average), ending in Flatten + Dense. :meth:`ConvNet.layers` runs it on each image with itself
+(returning the per-position variances every activation needs) or on aligned pairs (a[p], b[p]) given those
+variances: the same code for both; on a self-pair the variance of a position is read from the
 pair's own covariance, so the arc-cosine terms see correlation exactly 1 there (exact diagonals).
 """
 
@@ -63,7 +63,7 @@ class ConvNet:
                ) -> tuple[Any, Any, list[Any]]:
         """Run the network on aligned pairs ``(a[p], b[p])``, images ``(P, H, W, C)``.
 
-        ``var_a``/``var_b``: the per-activation variance maps of a and b from :meth:`self_pairs`, or None for
+        ``var_a``/``var_b``: the per-activation variance maps of a and b from a self-pair run, or None for
         self-pairs (a is b), which read them off their own covariance. Returns ``(nngp, ntk, variances)``,
         ``(P,)`` each (ntk is None for an NNGP-only network) and the variance maps met on the way.
         """
@@ -103,13 +103,3 @@ class ConvNet:
             return (lay.h * lay.w) ** 2
         return (2 * lay.dy + 1) * lay.h * (2 * lay.dx + 1) * lay.w
 
-
-def self_pairs(net: ConvNet, x: Any) -> tuple[Any, Any, list[Any]]:
-    """Each image with itself: ``(nngp (n,), ntk (n,) or None, variance maps)``."""
-    return net.layers(x, x, None, None)
-
-
-def pairs(net: ConvNet, a: Any, b: Any, var_a: list[Any], var_b: list[Any]) -> tuple[Any, Any]:
-    """Aligned pairs ``(a[p], b[p])`` with their images' variance maps: ``(nngp (P,), ntk (P,) or None)``."""
-    nngp, ntk, _ = net.layers(a, b, var_a, var_b)
-    return nngp, ntk
