@@ -3,9 +3,13 @@
 A dataset store is a Zarr v3 group::
 
     x        float32 (N, H, W, C)  model inputs after preprocessing, chunked by rows, crc32c
+             (store_dtype float16: the same in half precision; uint8: the raw pixels, preprocessed on read)
     labels   int64   (N,)
     preprocess/mean, preprocess/scale | preprocess/matrix   the affine map pixels -> inputs
-    attrs    kernelscale="dataset", class_names, source, counts, input_shape, preprocess, fingerprint
+    attrs    kernelscale="dataset", class_names, source, counts, input_shape, preprocess, fingerprint,
+             store_dtype (absent: float32), ingest_plan, content_sha256
+
+Reads (``DatasetStore.rows/take/iter_rows``) always return float32 model inputs, whatever the store dtype.
 
 Pixel data in uint8 is scaled to [0, 1] before preprocessing; float arrays are taken as they are.
 Preprocessing is an affine map of flattened pixels, ``x = (p - mean) * scale`` (standardize, per channel)
@@ -171,7 +175,10 @@ def compute_statistics(pixels: zarr.Array, pre: Preprocess, progress: bool = Fal
 def _statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
     import dask.array as da  # noqa: PLC0415
 
-    x = da.from_zarr(pixels).astype(np.float64)
+    x = da.from_zarr(pixels)
+    if x.dtype == np.uint8:  # the same float32 pixels as pixels_as_float, so the statistics match a float ingest
+        x = x.astype(np.float32) / np.float32(255.0)
+    x = x.astype(np.float64)
     n = x.shape[0]
     if pre.kind == "standardize":
         mean = x.mean(axis=(0, 1, 2))
@@ -206,14 +213,28 @@ def _statistics(pixels: zarr.Array, pre: Preprocess) -> AffineMap:
 
 
 class Source:
-    """Rows to ingest: labels known up front, pixels read (decoded) on demand in row order."""
+    """Rows to ingest: labels known up front, pixels read (decoded) on demand in row order.
+
+    ``uint8``: the pixels are 8-bit values (images, uint8 arrays), so ``read_pixels`` returns them exactly as
+    uint8 and ``--store-dtype uint8`` can keep them as they are.
+    """
 
     name: str
     labels: np.ndarray
     class_names: list[str]
     row_shape: tuple[int, int, int]
+    uint8: bool = False
 
-    def read(self, idx: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+    def read_pixels(self, idx: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        """Rows ``idx`` as stored by the source: uint8 (k, H, W, C) when ``uint8``, else float32."""
+        raise NotImplementedError
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` as float32 pixels (uint8 scaled to [0, 1])."""
+        return pixels_as_float(self.read_pixels(idx))
+
+    def digest(self) -> str:  # pragma: no cover - interface
+        """sha256 of what the rows are made from (resuming an ingest needs the same)."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -226,10 +247,25 @@ class ArraySource(Source):
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, class_names: list[str]):
         self.name, self.images, self.labels, self.class_names = name, images, labels, class_names
         self.row_shape = tuple(images.shape[1:])  # type: ignore[assignment]
+        self.uint8 = images.dtype == np.uint8
 
-    def read(self, idx: np.ndarray) -> np.ndarray:
+    def read_pixels(self, idx: np.ndarray) -> np.ndarray:
         out = self.images[idx]
-        return out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out.astype(np.float32)
+        return out if self.uint8 else out.astype(np.float32)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps([self.name, list(self.images.shape), str(self.images.dtype),
+                                       self.class_names]).encode())
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(np.ascontiguousarray(self.labels, np.int64).data)
+        return h.hexdigest()
+
+
+def pixels_as_float(pixels: np.ndarray) -> np.ndarray:
+    """float32 pixels: uint8 values scaled to [0, 1] (``u / 255`` in float32), floats as they are."""
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) / 255.0
+    return np.asarray(pixels, np.float32)
 
 
 def _as_images(images: np.ndarray, field: str) -> np.ndarray:
@@ -352,10 +388,12 @@ class ImageFolderSource(Source):
         self.size = resize or first
         self.resize = resize
         self.name = os.path.abspath(root)
+        self._root = root
         self.paths = paths
         self.labels = np.asarray(labels, np.int64)
         self.class_names = classes
         self.row_shape = (self.size[0], self.size[1], 1 if self.mode == "L" else 3)
+        self.uint8 = True
         self.workers = workers or max(1, os.cpu_count() or 1)
         self._pool: cf.ProcessPoolExecutor | None = None
 
@@ -377,7 +415,15 @@ class ImageFolderSource(Source):
                     "mixed image sizes need --resize HxW"
                 )
 
-    def read(self, idx: np.ndarray) -> np.ndarray:
+    def digest(self) -> str:
+        """sha256 of the file list (paths relative to ROOT), labels, size and colour mode (not the contents)."""
+        h = hashlib.sha256(json.dumps([self.size, self.mode, self.class_names]).encode())
+        prefix = len(os.path.join(self._root, ""))
+        h.update("\n".join(p[prefix:] for p in self.paths).encode())
+        h.update(np.ascontiguousarray(self.labels, np.int64).data)
+        return h.hexdigest()
+
+    def read_pixels(self, idx: np.ndarray) -> np.ndarray:
         paths = [self.paths[i] for i in idx]
         per = max(16, len(paths) // (4 * self.workers) + 1)
         jobs = [(paths[i : i + per], self.size, self.mode) for i in range(0, len(paths), per)]
@@ -387,7 +433,7 @@ class ImageFolderSource(Source):
             parts = list(self._pool.map(_decode, jobs))
         else:
             parts = [_decode(j) for j in jobs]
-        return np.concatenate(parts).astype(np.float32) / 255.0
+        return np.concatenate(parts)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -501,8 +547,10 @@ def check_layout(path: str, group: zarr.Group, attrs: dict[str, Any]) -> None:
     metas = storage.members(group, path)
     allowed = {"x", "labels", "preprocess"} | {f"preprocess/{k}" for k in expected_pre}
     storage.check_members(path, metas, lambda name, meta: name in allowed, FIX)
-    storage.check_array(path, "x", metas.get("x"), dtype="float32", shape=(n, h, w, c), chunks=(None, h, w, c),
-                        fill="NaN", fix=FIX)
+    dtype = attrs.get("store_dtype", "float32")  # stores written before compact storage hold float32
+    req(path, dtype in STORE_DTYPES, "store_dtype", " or ".join(STORE_DTYPES), dtype, FIX)
+    storage.check_array(path, "x", metas.get("x"), dtype=dtype, shape=(n, h, w, c), chunks=(None, h, w, c),
+                        fill=0 if dtype == "uint8" else "NaN", fix=FIX)
     storage.check_array(path, "labels", metas.get("labels"), dtype="int64", shape=(n,), fill=-1, fix=FIX)
     for name, pshape in expected_pre.items():
         storage.check_array(path, f"preprocess/{name}", metas.get(f"preprocess/{name}"), dtype="float32",
@@ -520,8 +568,10 @@ class DatasetStore:
         self.path = str(path)
         self.group = group
         self.attrs = attrs
-        self.x: zarr.Array = group["x"]
+        self.x: zarr.Array = group["x"]  # as stored: see store_dtype (rows/take/iter_rows give model inputs)
+        self.store_dtype: str = attrs.get("store_dtype", "float32")
         self._labels: np.ndarray | None = None
+        self._affine: AffineMap | None = None
 
     @property
     def n(self) -> int:
@@ -612,10 +662,10 @@ class DatasetStore:
         for k in picks:
             a, b = k * rows, min(self.n, (k + 1) * rows)
             try:
-                values = self.rows(a, b)
+                values = self.stored(a, b)
             except ValueError as exc:
                 raise StoreError(f"{self.path}: rows {a}..{b - 1} are corrupt ({exc}); {FIX}") from exc
-            if _digest(values) != chunks[k]:
+            if _digest(values) != chunks[k]:  # hashes of the stored values (uint8 pixels in a uint8 store)
                 raise StoreError(f"{self.path}: rows {a}..{b - 1} differ from what was ingested (content hash of x "
                                  f"chunk {k} does not match); the store was altered after ingest: {FIX}")
         if full:
@@ -623,22 +673,33 @@ class DatasetStore:
 
     def _check_fingerprint(self, labels: np.ndarray) -> None:
         pre_json = self.attrs.get("preprocess")
-        if _fingerprint(self.x, labels, pre_json, self.affine) != self.fingerprint:
+        if _fingerprint(self.x, labels, pre_json, self.affine, self.store_dtype)[0] != self.fingerprint:
             raise StoreError(f"{self.path}: its rows, labels or preprocessing no longer match its fingerprint (hashed "
                              f"again); the store was altered after ingest: {FIX}")
 
+    def stored(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (``store_dtype``: model inputs, or uint8 pixels in a uint8 store)."""
+        return np.asarray(self.x[start:stop])
+
+    def model_inputs(self, stored: np.ndarray) -> np.ndarray:
+        """float32 model inputs (k, H, W, C) of stored rows: uint8 pixels are scaled to [0, 1] and preprocessed
+        exactly as ingest preprocesses them for a float32 store; float16 inputs are widened."""
+        if self.store_dtype == "uint8":
+            return np.asarray(self.affine.apply(pixels_as_float(stored)), np.float32)
+        return np.asarray(stored, np.float32)
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Model inputs of rows [start, stop) as float32 (stop - start, H, W, C)."""
-        return np.asarray(self.x[start:stop], np.float32)
+        return self.model_inputs(self.stored(start, stop))
 
     def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Model inputs of arbitrary rows, in the order given."""
+        """Model inputs of arbitrary rows, in the order given (float32 (len(idx), H, W, C))."""
         idx = np.asarray(idx, np.int64)
         if idx.size == 0:
             return np.zeros((0, *self.input_shape), np.float32)
         order = np.argsort(idx)
         out = np.empty((len(idx), *self.input_shape), np.float32)
-        out[order] = self.x.get_orthogonal_selection((idx[order],))
+        out[order] = self.model_inputs(self.x.get_orthogonal_selection((idx[order],)))
         return out
 
     def iter_rows(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -653,7 +714,10 @@ class DatasetStore:
 
     @property
     def affine(self) -> AffineMap:
-        return AffineMap.load(self.group)
+        """The preprocessing map pixels -> model inputs (read once)."""
+        if self._affine is None:
+            self._affine = AffineMap.load(self.group)
+        return self._affine
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -663,6 +727,7 @@ class DatasetStore:
             "num_classes": self.num_classes,
             "counts": self.attrs.get("counts"),
             "preprocess": self.attrs.get("preprocess"),
+            "store_dtype": self.store_dtype,
             "fingerprint": self.fingerprint,
         }
 
@@ -674,19 +739,34 @@ def open_dataset(path: str) -> DatasetStore:
     return DatasetStore(path, storage.open_group(path, "r"))
 
 
-def _rows_per_chunk(row_shape: Sequence[int]) -> int:
-    return max(1, min(4096, CHUNK_BYTES // (4 * int(np.prod(row_shape)))))
+def _rows_per_chunk(row_shape: Sequence[int], itemsize: int = 4) -> int:
+    """Rows per chunk of x: about CHUNK_BYTES per chunk, at most 4096 rows."""
+    return max(1, min(4096, CHUNK_BYTES // (itemsize * int(np.prod(row_shape)))))
 
 
-def _fingerprint(x: zarr.Array, labels: np.ndarray, pre_json: dict[str, Any], affine: AffineMap) -> str:
+def _fingerprint(x: zarr.Array, labels: np.ndarray, pre_json: dict[str, Any], affine: AffineMap,
+                 store_dtype: str = "float32") -> tuple[str, list[str]]:
+    """The dataset fingerprint and the content hashes of x's chunks, from one read of the stored rows.
+
+    The fingerprint hashes the stored values (widened to float32), labels, preprocessing and, for compact
+    stores, the store dtype: stores of the same images in different dtypes never share a fingerprint (so
+    neither do their Grams), and a float32 store keeps the fingerprint it always had.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps({"shape": list(x.shape), "preprocess": pre_json}, sort_keys=True).encode())
+    head = {"shape": list(x.shape), "preprocess": pre_json}
+    if store_dtype != "float32":
+        head["store_dtype"] = store_dtype
+    h.update(json.dumps(head, sort_keys=True).encode())
     h.update(affine.digest().encode())
-    step = x.chunks[0] * max(1, 64 // max(1, x.chunks[0]) + 1)
+    rows = int(x.chunks[0])
+    step = rows * max(1, 64 // max(1, rows) + 1)
+    chunk_digests: list[str] = []
     for start in range(0, x.shape[0], step):
-        h.update(np.ascontiguousarray(x[start : start + step], np.float32).tobytes())
+        values = np.asarray(x[start : start + step])
+        h.update(np.ascontiguousarray(values, np.float32).tobytes())
+        chunk_digests += [_digest(values[a : a + rows]) for a in range(0, len(values), rows)]
     h.update(np.ascontiguousarray(labels, np.int64).tobytes())
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + h.hexdigest(), chunk_digests
 
 
 def _digest(values: np.ndarray) -> str:
@@ -724,6 +804,50 @@ def balanced_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(picked, np.int64))
 
 
+#: How x can be stored (``ingest --store-dtype``): float32 model inputs; float16 model inputs; uint8 raw
+#: pixels with the preprocessing applied on read. Every read returns float32 model inputs.
+STORE_DTYPES = ("float32", "float16", "uint8")
+PARTIAL_SUFFIX = ".partial-ingest"  # a local ingest is written here, then renamed; a rerun continues it
+
+
+def partial_path(out: str) -> str:
+    """Where a local ingest into ``out`` is written before it is renamed into place (a rerun resumes it)."""
+    return os.path.abspath(out).rstrip(os.sep) + PARTIAL_SUFFIX
+
+
+def ingest_plan(source: Source, idx: np.ndarray, pre: Preprocess, stats: AffineMap | None, stats_from: str | None,
+                augment: str | None, store_dtype: str) -> str:
+    """sha256 of everything a dataset store's content is a function of: a partial store is continued only
+    when the rerun's plan is the same."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "source": source.digest(), "preprocess": pre.to_json(),
+                                   "stats": stats.digest() if stats is not None else None, "stats_from": stats_from,
+                                   "augment": augment, "store_dtype": store_dtype,
+                                   "row_shape": list(source.row_shape)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(idx, np.int64).data)
+    return h.hexdigest()
+
+
+def _open_partial(target: str, plan: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """The partial store at ``target`` with its progress when its plan is ``plan``, else a new one (a stale
+    partial store of ours is removed; anything else there is refused by :func:`storage.remove_store`)."""
+    if storage.exists(target):
+        progress = None
+        try:
+            group = storage.open_group(target, "r+")
+            progress = dict(group.attrs).get("ingest_progress")
+        except (StoreError, ValueError, OSError):
+            pass
+        if isinstance(progress, dict) and progress.get("plan") == plan:
+            log.info("continuing the partial ingest at %s (%d rows written)", target, progress.get("pixels_done", 0))
+            return group, progress
+        log.info("%s holds a partial ingest of other data or options; starting again", target)
+        storage.remove_store(target, "dataset")
+    group = storage.open_group(target, "w-")
+    progress = {"plan": plan, "pixels_done": 0, "stats_saved": False, "x_done": 0}
+    group.attrs.put({"kernelscale": "dataset", "ingest_progress": progress})  # ours from the first write
+    return group, progress
+
+
 def _write_store(
     out: str,
     source: Source,
@@ -735,85 +859,156 @@ def _write_store(
     progress: bool,
     desc: str,
     replace: bool = False,
+    store_dtype: str = "float32",
+    plan: str = "",
 ) -> dict[str, Any]:
     """Decode rows ``idx`` of ``source`` into a new store at ``out`` (written next to it, then renamed).
 
+    Local paths are written to :func:`partial_path` with their progress in its attributes: an interrupted or
+    killed ingest continues there on a rerun with the same ``plan`` (:func:`ingest_plan`), keeping the rows
+    written, and gives the same store as an uninterrupted one. Passes: pixels (the decode; uint8 stores keep
+    them as x), preprocessing statistics, x (float stores), one read for the fingerprint and content hashes.
+
     ``replace``: an existing dataset store at ``out`` is deleted only once the new one is complete (local
-    paths; on object storage before writing). A full disk is one line naming the path and the free space, and
-    the partial store is removed, so the rerun starts clean.
+    paths; on object storage before writing). A full disk or bad input is one line naming the path, and the
+    partial store is removed, so the rerun starts clean.
     """
     local = not storage.is_url(out)
     if replace and not local:
         storage.remove_store(out, "dataset")
     target = out
     if local:
-        parent = os.path.dirname(os.path.abspath(out)) or "."
-        os.makedirs(parent, exist_ok=True)
-        target = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
-        shutil.rmtree(target)
-    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+        target = partial_path(out)
+        group, state = _open_partial(target, plan)
+    else:
         group = storage.open_group(target, "w-")
-        group.attrs["kernelscale"] = "dataset"  # ours from the first write: a partial store can be replaced
+        state = {"plan": plan, "pixels_done": 0, "stats_saved": False, "x_done": 0}
+        group.attrs["kernelscale"] = "dataset"
+
+    def save_progress(**changes: Any) -> None:
+        state.update(changes)
+        if local:
+            group.attrs["ingest_progress"] = state
+
+    try:
         flips = augment == "hflip"
         n = len(idx) * (2 if flips else 1)
         row_shape = tuple(source.row_shape)
-        chunk = _rows_per_chunk(row_shape)
-        raw = group.create_array("_pixels", shape=(n, *row_shape), chunks=(chunk, *row_shape), dtype="float32", fill_value=0.0)
+        itemsize = np.dtype(store_dtype).itemsize
+        chunk = _rows_per_chunk(row_shape, itemsize)
+        pixel_dtype = "uint8" if source.uint8 else "float32"
+        if store_dtype == "uint8":  # the pixels are the stored rows
+            raw = group["x"] if "x" in group else storage.checksummed_array(
+                group, "x", (n, *row_shape), (chunk, *row_shape), "uint8", 0)
+        elif "_pixels" in group:
+            raw = group["_pixels"]
+        else:
+            raw = group.create_array("_pixels", shape=(n, *row_shape), chunks=(chunk, *row_shape), dtype=pixel_dtype,
+                                     fill_value=0)
         block = chunk * max(1, 4096 // chunk)
-        bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False)
-        for start in range(0, len(idx), block):
-            pix = source.read(idx[start : start + block])
+        done = int(state["pixels_done"])
+        bar = tqdm(total=len(idx), initial=done, desc=desc, unit="img", disable=not progress, leave=False)
+        for start in range(done, len(idx), block):  # done: a multiple of block, or all rows
+            pix = source.read_pixels(idx[start : start + block])
             raw[start : start + len(pix)] = pix
             if flips:
                 raw[len(idx) + start : len(idx) + start + len(pix)] = pix[:, :, ::-1, :]
+            save_progress(pixels_done=start + len(pix))
             bar.update(len(pix))
         bar.close()
         labels = source.labels[idx]
         if flips:
             labels = np.concatenate([labels, labels])
-        affine = stats if stats is not None else compute_statistics(raw, pre, progress)
-        x = storage.checksummed_array(group, "x", (n, *row_shape), (chunk, *row_shape), "float32", np.nan)
-        chunk_digests: list[str] = []
-        for start in range(0, n, block):
-            values = affine.apply(np.asarray(raw[start : start + block], np.float32)).astype(np.float32)
-            x[start : start + block] = values
-            chunk_digests += [_digest(values[a : a + chunk]) for a in range(0, len(values), chunk)]
-        del group["_pixels"]
-        lab = storage.checksummed_array(group, "labels", (n,), (max(n, 1),), "int64", -1)
+        if stats is not None:
+            affine = stats
+        elif state["stats_saved"]:
+            affine = AffineMap.load(group)
+        else:
+            affine = compute_statistics(raw, pre, progress)
+            affine.save(group)
+            save_progress(stats_saved=True)
+        if store_dtype == "uint8":
+            x = raw
+        else:
+            x = group["x"] if "x" in group else storage.checksummed_array(
+                group, "x", (n, *row_shape), (chunk, *row_shape), store_dtype, np.nan)
+            done = int(state["x_done"])
+            for start in range(done, n, block):
+                values = affine.apply(pixels_as_float(np.asarray(raw[start : start + block]))).astype(np.float32)
+                with np.errstate(over="ignore"):
+                    stored = values.astype(store_dtype)
+                if store_dtype == "float16" and not np.isfinite(stored).all():
+                    raise InputError(f"{source.name}: preprocessed values up to {np.abs(values).max():.3g} exceed "
+                                     "float16's range (65504); use --store-dtype float32 or a --preprocess")
+                x[start : start + block] = stored
+                save_progress(x_done=start + len(values))
+            if "_pixels" in group:
+                del group["_pixels"]
+        lab = group["labels"] if "labels" in group else storage.checksummed_array(
+            group, "labels", (n,), (max(n, 1),), "int64", -1)
         lab[...] = labels
         affine.save(group)
         pre_json = pre.to_json() | {"stats_from": stats_from}
         counts = {name: int(np.sum(labels == c)) for c, name in enumerate(source.class_names)}
-        fingerprint = _fingerprint(x, labels, pre_json, affine)
-        group.attrs.update(
-            {
-                "content_sha256": {"x_chunks": chunk_digests, "labels": _digest(np.asarray(labels, np.int64)),
-                                   "affine": affine.digest()},
-                "kernelscale": "dataset",
-                "format_version": FORMAT_VERSION,
-                "class_names": list(source.class_names),
-                "source": source.name,
-                "n": n,
-                "counts": counts,
-                "input_shape": list(row_shape),
-                "preprocess": pre_json,
-                "augment": augment,
-                "fingerprint": fingerprint,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        )
+        fingerprint, chunk_digests = _fingerprint(x, labels, pre_json, affine, store_dtype)
+        attrs = {
+            "content_sha256": {"x_chunks": chunk_digests, "labels": _digest(np.asarray(labels, np.int64)),
+                               "affine": affine.digest()},
+            "kernelscale": "dataset",
+            "format_version": FORMAT_VERSION,
+            "class_names": list(source.class_names),
+            "source": source.name,
+            "n": n,
+            "counts": counts,
+            "input_shape": list(row_shape),
+            "preprocess": pre_json,
+            "augment": augment,
+            "fingerprint": fingerprint,
+            "ingest_plan": plan,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if store_dtype != "float32":
+            attrs["store_dtype"] = store_dtype
+        group.attrs.put(attrs)  # replaces the progress record: the store is complete
         if local:
             if replace and storage.exists(out):
                 storage.remove_store(out, "dataset")
             os.replace(target, out)
     except BaseException as exc:
-        if local:
+        disk_full = isinstance(exc, OSError) and storage.is_disk_full(exc)
+        if local and (disk_full or isinstance(exc, InputError)):
             shutil.rmtree(target, ignore_errors=True)
-        if isinstance(exc, OSError) and storage.is_disk_full(exc):
+        elif local:
+            log.warning("ingest stopped; rerun the same command to continue from row %d (kept in %s)",
+                        state["pixels_done"], target)
+        if disk_full:
             raise storage.disk_full_error(out, "writing the dataset store (nothing of it was kept)") from None
         raise
     return {"path": out, "n": n, "input_shape": list(row_shape), "num_classes": len(source.class_names),
-            "counts": counts, "fingerprint": fingerprint, "preprocess": pre_json, "_affine": affine}
+            "counts": counts, "fingerprint": fingerprint, "preprocess": pre_json, "store_dtype": store_dtype,
+            "_affine": affine}
+
+
+def _completed(out: str, plan: str, overwrite: bool, val_out: str | None
+               ) -> tuple[dict[str, Any], AffineMap] | None:
+    """OUT's summary and preprocessing when OUT is a complete store of this very ingest and only ``val_out``
+    is still to be written (a rerun after a kill during the validation split); None when OUT is to be written.
+    Refuses an existing OUT (or VAL) without ``overwrite`` otherwise."""
+    if val_out and not overwrite and storage.exists(out) and not storage.exists(val_out):
+        if storage.store_kind(out) == "dataset":
+            ds = open_dataset(out)
+            if ds.attrs.get("ingest_plan") == plan:
+                log.info("%s is complete; continuing with %s", out, val_out)
+                summary = {"path": out, "n": ds.n, "input_shape": list(ds.input_shape),
+                           "num_classes": ds.num_classes, "counts": ds.attrs.get("counts"),
+                           "fingerprint": ds.fingerprint, "preprocess": ds.attrs.get("preprocess"),
+                           "store_dtype": ds.store_dtype}
+                return summary, ds.affine
+    for path in filter(None, (out, val_out)):
+        if storage.exists(path) and not overwrite:
+            raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another OUT")
+    return None
 
 
 def ingest(
@@ -831,12 +1026,18 @@ def ingest(
     augment: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    store_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Ingest SRC (ImageFolder dir, .npz, or builtin name) into a dataset store at OUT.
 
+    ``store_dtype``: float32 or float16 model inputs, or uint8 pixels preprocessed on read (see STORE_DTYPES).
+    An interrupted or killed ingest to a local OUT continues where it stopped when rerun with the same
+    arguments (also when only the --val-out split was missing).
     Returns a JSON-able summary. All checks on the arguments and sources run before anything is written.
     """
     t0 = time.perf_counter()
+    if store_dtype not in STORE_DTYPES:
+        raise InputError(f"--store-dtype must be {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
     pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess)
     size = parse_resize(resize) if isinstance(resize, str) or resize is None else tuple(resize)
     if augment not in (None, "none", "hflip"):
@@ -851,7 +1052,10 @@ def ingest(
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
     for path in filter(None, (out, val_out)):
-        if storage.exists(path) and not overwrite:
+        # OUT may exist without --overwrite only as a complete store of this ingest whose --val-out is missing
+        # (checked against the ingest's plan once the source is open: _completed)
+        val_pending = path == out and val_out and not storage.exists(val_out) and storage.store_kind(out) == "dataset"
+        if storage.exists(path) and not overwrite and not val_pending:
             raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another OUT")
         storage.check_replaceable(path, "dataset")  # --overwrite replaces only a kernelscale dataset store
     if val_out and os.path.abspath(val_out) == os.path.abspath(out):
@@ -872,6 +1076,9 @@ def ingest(
     try:
         if len(source) == 0:
             raise InputError(f"{src}: no rows to ingest")
+        if store_dtype == "uint8" and not source.uint8:
+            raise InputError(f"--store-dtype uint8 keeps 8-bit pixels, but {src} gives float pixels (a float array, "
+                             "or an in-memory array resized with --resize); use --store-dtype float16 or float32")
         if isinstance(source, ImageFolderSource):
             source.check_sizes()
         if stats is not None:
@@ -888,11 +1095,18 @@ def ingest(
         if val_fraction > 0:
             tr, va = stratified_split(source.labels[idx], val_fraction, seed)
             idx, val_idx = idx[tr], idx[va]
-        summary = _write_store(out, source, idx, pre, stats, stats_from, augment, progress, "ingest", overwrite)
-        affine = summary.pop("_affine")
+        plan = ingest_plan(source, idx, pre, stats, stats_from, augment, store_dtype)
+        done = _completed(out, plan, overwrite, val_out)
+        if done is not None:  # killed while writing --val-out: OUT itself is complete
+            summary, affine = done
+        else:
+            summary = _write_store(out, source, idx, pre, stats, stats_from, augment, progress, "ingest", overwrite,
+                                   store_dtype, plan)
+            affine = summary.pop("_affine")
         if val_out:
+            val_plan = ingest_plan(source, val_idx, pre, affine, summary["fingerprint"], None, store_dtype)
             val = _write_store(val_out, source, val_idx, pre, affine, summary["fingerprint"], None, progress, "val",
-                               overwrite)
+                               overwrite, store_dtype, val_plan)
             val.pop("_affine")
             summary["val"] = val
     finally:

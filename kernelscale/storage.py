@@ -251,7 +251,7 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
 #: Codecs an array may use after ``bytes``: checksums and lossless compressors (nothing that changes values).
 VALUE_PRESERVING_CODECS = ("crc32c", "zstd", "gzip", "blosc")
 #: Data types of any array in a kernelscale store.
-NUMERIC_DTYPES = ("float32", "float64", "int32", "int64", "uint32")
+NUMERIC_DTYPES = ("float16", "float32", "float64", "uint8", "int32", "int64", "uint32")  # uint8/float16: compact dataset stores
 
 
 def members(group: zarr.Group, path: str) -> dict[str, dict[str, Any]]:

@@ -46,6 +46,7 @@ NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 #: How to continue after Ctrl-C / SIGTERM, per subcommand (printed on stderr).
 CONTINUE_HINTS: dict[str, str] = {
+    "ingest": "rows already written are kept (local OUT): rerun the same command to continue",
     "gram": "tiles already written are kept: rerun the same command to continue",
     "verify": "rerun the same command (with --repair, tiles already recomputed are kept)",
     "solve": "with --checkpoint PATH, rerun the same command with --resume to continue from the last checkpoint",
