@@ -351,10 +351,15 @@ def check_cross(cross: GramStore, test: DatasetStore, train_fingerprint: str, n_
 
 def scores(pred: np.ndarray, test: DatasetStore) -> dict[str, float]:
     """accuracy (argmax vs labels) and mse (mean over rows and classes of (pred - (one-hot - 1/C))^2)."""
+    return label_scores(pred, test.labels, test.num_classes)
+
+
+def label_scores(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """:func:`scores` against integer ``labels`` (n,) of ``num_classes`` classes: accuracy and centred-one-hot mse."""
     if not np.isfinite(pred).all():
         raise StoreError("predictions are not finite: a store holds NaN/Inf values; run `kernelscale verify`")
-    y = test.one_hot(centred=True).astype(np.float64)
-    return {"accuracy": float(np.mean(np.argmax(pred, axis=1) == test.labels)),
+    y = np.eye(num_classes, dtype=np.float32)[labels].astype(np.float64) - np.float32(1.0 / num_classes)
+    return {"accuracy": float(np.mean(np.argmax(pred, axis=1) == labels)),
             "mse": float(np.mean((pred - y) ** 2))}
 
 
@@ -420,9 +425,23 @@ def curve(gram: str, data: str, cross: str, test: str, sizes: str | Sequence[int
     with ZarrGramOperator(gs) as g_op, ZarrGramOperator(cs, psd=False) as c_op:
         k_full = g_op.submatrix(order, order)
         k_cross = c_op.submatrix(np.arange(ts.n), order)
-    y_all = ds.one_hot(order, centred=True).astype(np.float64)
+    out = curve_arrays(k_full, k_cross, ds.labels[order], ts.labels, ds.num_classes, sizes_l, reg=reg,
+                       reg_scale=reg_scale, seed=seed, tol=tol, max_iter=max_iter, direct_max=direct_max,
+                       progress=progress)
+    return out | {"seed": seed, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def curve_arrays(k_full: np.ndarray, k_cross: np.ndarray, labels: np.ndarray, test_labels: np.ndarray,
+                 num_classes: int, sizes: Sequence[int], *, reg: float = 1e-4, reg_scale: str = "trace",
+                 seed: int = 0, tol: float = 1e-6, max_iter: int = 1000, direct_max: int = 20000,
+                 progress: bool = False) -> dict[str, Any]:
+    """The learning curve of :func:`curve` on in-memory matrices: ``k_full`` (m, m) over training rows already in
+    nested order, ``k_cross`` (n_test, m), their ``labels`` (m,) and ``test_labels`` (n_test,); for each size n,
+    KRR on the first n rows, scored on every test row."""
+    check_reg(reg, reg_scale)
+    y_all = (np.eye(num_classes, dtype=np.float32)[labels] - np.float32(1.0 / num_classes)).astype(np.float64)
     acc, mse, secs, how = [], [], [], []
-    for n in tqdm(sizes_l, desc="curve", disable=not progress):
+    for n in tqdm(sorted(sizes), desc="curve", disable=not progress):
         t = time.perf_counter()
         k = k_full[:n, :n]
         reg_eff = effective_reg(reg, reg_scale, float(np.trace(k)), n)
@@ -434,10 +453,10 @@ def curve(gram: str, data: str, cross: str, test: str, sizes: str | Sequence[int
             sol = cg(op.shift(reg_eff), y_all[:n], pre, CGOptions(tol=tol, max_iter=max_iter))
         if not sol.converged:
             raise NotConvergedError(f"curve: the solve at size {n} did not succeed ({sol.status}): {sol.message}")
-        sc = scores(k_cross[:, :n] @ sol.x, ts)
+        sc = label_scores(k_cross[:, :n] @ sol.x, test_labels, num_classes)
         acc.append(sc["accuracy"])
         mse.append(sc["mse"])
         secs.append(round(time.perf_counter() - t, 3))
         how.append("cholesky" if n <= direct_max else "cg")
-    return {"sizes": sizes_l, "accuracy": acc, "mse": mse, "solve_seconds": secs, "solver": how,
-            "reg": reg, "reg_scale": reg_scale, "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"sizes": sorted(sizes), "accuracy": acc, "mse": mse, "solve_seconds": secs, "solver": how,
+            "reg": reg, "reg_scale": reg_scale}

@@ -13,6 +13,9 @@ from ._fc import FCNet
 
 #: Working set of one streamed step of pairs (bytes): small enough to stay in a CPU's last-level cache.
 CHUNK_BYTES = 24 * 2**20
+#: The same on an accelerator (GPU/TPU), at most: an eighth of the device's memory, so that a step keeps the
+#: whole device busy (convnet-3 at 32x32 on an H200: 1,024 pairs per step, 1.6x the pairs/s of 233).
+ACCELERATOR_CHUNK_BYTES = 16 * 2**30
 #: float32 arrays of a pair's first-stage size alive at once in one step (covariances, NTK, temporaries)
 LIVE_ARRAYS = 10
 NATIVE_ACTIVATIONS = ("relu", "erf")
@@ -38,7 +41,19 @@ def pairs_per_step(spec: Any, shape: tuple[int, ...]) -> int:
     if spec.arch == "fc":
         return 1
     entries = _conv_net(spec, shape, True).entries_per_pair()
-    return max(1, CHUNK_BYTES // (4 * LIVE_ARRAYS * entries))
+    if _cpu_backend():
+        return max(1, CHUNK_BYTES // (4 * LIVE_ARRAYS * entries))
+    pairs = max(1, _accelerator_bytes() // (4 * LIVE_ARRAYS * entries))
+    return 1 << (pairs.bit_length() - 1)  # a power of two: steps tile the device's blocks evenly
+
+
+def _accelerator_bytes() -> int:
+    """Bytes one streamed step may use on the default accelerator: an eighth of its memory, at most 16 GiB."""
+    try:
+        limit = int(jax.devices()[0].memory_stats()["bytes_limit"])
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        limit = 8 * 2**30
+    return min(ACCELERATOR_CHUNK_BYTES, limit // 8)
 
 
 def bytes_per_pair(spec: Any, shape: tuple[int, ...]) -> int:
@@ -69,6 +84,7 @@ def _map_pairs(net: ConvNet, x1: Any, x2: Any, var1: list[Any], var2: list[Any],
     ii = np.concatenate([ii, np.zeros(pad, ii.dtype)]).reshape(-1, step)
     jj = np.concatenate([jj, np.zeros(pad, jj.dtype)]).reshape(-1, step)
 
+    @jax.checkpoint  # gradients recompute each step's layers: memory stays one step's, not every pair's
     def one(idx: tuple[Any, Any]) -> tuple[Any, Any]:
         i, j = idx
         nngp, ntk, _ = net.layers(x1[i], x2[j], [v[i] for v in var1], [v[j] for v in var2])
@@ -85,6 +101,7 @@ def _self_pairs(net: ConvNet, x: Any, step: int) -> tuple[Any, Any, list[Any]]:
     xs = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
     xs = xs.reshape(-1, step, *x.shape[1:])
 
+    @jax.checkpoint
     def one(chunk: Any) -> tuple[Any, Any, list[Any]]:
         nngp, ntk, variances = net.layers(chunk, chunk, None, None)
         return nngp, (ntk if ntk is not None else nngp), variances

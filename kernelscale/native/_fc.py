@@ -42,7 +42,7 @@ class FCNet:
         f2 = f1 if x2 is None else x2.reshape(x2.shape[0], -1)
         self1 = self.self_pairs(f1)
         self2 = self1 if x2 is None else self.self_pairs(f2)
-        cov = f1 @ f2.T
+        cov = jnp.matmul(f1, f2.T, precision="highest")  # full float32 products on GPUs too (no TF32)
         if x2 is None:  # exactly symmetric: the upper triangle mirrored
             cov = jnp.triu(cov) + jnp.triu(cov, 1).T
         nngp = w2 * cov / f1.shape[1] + b2

@@ -80,7 +80,7 @@ class FullLayout:
 
     def first_conv(self, a: Any, b: Any) -> Any:
         pa, pb = _patches(a), _patches(b)
-        return jnp.einsum("pyxk,pzwk->pyxzw", pa, pb) / pa.shape[-1]
+        return jnp.einsum("pyxk,pzwk->pyxzw", pa, pb, precision="highest") / pa.shape[-1]  # no TF32 on GPUs
 
     def conv(self, t: Any) -> Any:
         return _box3_diag(_box3_diag(t, 1, 3), 2, 4) / 9.0

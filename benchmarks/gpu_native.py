@@ -1,0 +1,195 @@
+"""Native kernels on an accelerator, in one process (no Ray, Zarr or image folder needed there): float32 accuracy
+against a float64 reference made on CPU, Gram-block throughput of fc-3, convnet-3 and Myrtle-5 at 32x32 for
+several streamed step sizes, and the time of a ConvNet KIP step (10 images per class, 500 target rows).
+
+    .venv/bin/python benchmarks/gpu_native.py --rows ROWS.npz --make-reference REF.npz   # any machine, float64
+    python3 benchmarks/gpu_native.py --rows ROWS.npz --reference REF.npz --json OUT.json  # on the accelerator
+
+ROWS.npz is the file ``benchmarks/cnn_experiments.py --export`` writes (uint8 CIFAR-10 rows and their
+standardisation). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+ARCHS = {"fc-3": "fc:depth=3", "convnet-3": "convnet:depth=3", "myrtle-5": "myrtle:depth=5"}
+
+
+def load_rows(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.load(path)
+    prep = lambda p: ((p.astype(np.float32) / 255.0 - rows["mean"]) * rows["scale"]).astype(np.float32)  # noqa: E731
+    return prep(rows["train_pixels"]), rows["train_labels"], prep(rows["val_pixels"])
+
+
+def make_reference(rows: str, out: str, n: int = 8) -> None:
+    """K(a, a) and K(b, a) of n train rows a and n held-out rows b, float64 JAX path, per architecture."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from kernelscale import native
+    from kernelscale.kernels import parse_arch
+
+    xtr, _, xva = load_rows(rows)
+    a, b = xtr[:n].astype(np.float64), xva[:n].astype(np.float64)
+    ref: dict[str, np.ndarray] = {"a": xtr[:n], "b": xva[:n]}
+    for name, arch in ARCHS.items():
+        fn = native.kernel_fn(parse_arch(arch, "ntk"))
+        ref[f"{name}_aa"] = np.asarray(fn(a, None, "ntk"))
+        ref[f"{name}_ba"] = np.asarray(fn(b, a, "ntk"))
+        print(name, "done", flush=True)
+    np.savez(out, **ref)
+
+
+def accuracy(ref_path: str) -> dict:
+    """max |K32 - K64| / max |K64| of the float32 kernel on this backend, on and off the diagonal."""
+    from kernelscale import native
+    from kernelscale.kernels import parse_arch
+
+    ref = np.load(ref_path)
+    out = {}
+    for name, arch in ARCHS.items():
+        fn = native.kernel_fn(parse_arch(arch, "ntk"))
+        aa = np.asarray(fn(ref["a"], None, "ntk"), np.float64)
+        ba = np.asarray(fn(ref["b"], ref["a"], "ntk"), np.float64)
+        k_aa, k_ba = ref[f"{name}_aa"], ref[f"{name}_ba"]
+        scale = np.abs(k_aa).max()
+        out[name] = {"diagonal": float(np.abs(np.diag(aa) - np.diag(k_aa)).max() / scale),
+                     "off_diagonal": float(max(np.abs(aa - k_aa).max(), np.abs(ba - k_ba).max()) / scale)}
+    return out
+
+
+def throughput(x: np.ndarray, name: str, rows: int, steps: list[int | None], repeats: int = 2) -> dict:
+    """Pairs per second of one (rows x rows) block call, per streamed step size (None: the default)."""
+    import jax
+
+    from kernelscale import native
+    from kernelscale.kernels import parse_arch
+
+    from kernelscale.native._api import pairs_per_step
+
+    spec = parse_arch(ARCHS[name], "ntk")
+    out = {}
+    for step in steps:
+        fn = native.kernel_fn(spec, step=step) if step else native.kernel_fn(spec)
+        f = jax.jit(lambda a, b: fn(a, b, "ntk"))
+        a, b = x[:rows], x[rows : 2 * rows]
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(repeats):
+            f(a, b).block_until_ready()
+        sec = (time.perf_counter() - t) / repeats
+        key = str(step or f"default={pairs_per_step(spec, x.shape[1:])}")
+        out[key] = {"pairs_per_s": round(rows * rows / sec, 1), "block_seconds": round(sec, 4),
+                    "first_call_seconds": round(compile_s, 2)}
+        print(name, key, out[key], flush=True)
+    return out
+
+
+def versus_neural_tangents(x: np.ndarray, name: str, rows: int, repeats: int = 3) -> dict:
+    """The same (rows x rows) block through neural-tangents' jitted ``kernel_fn`` (stax.Relu) and the native
+    kernel: seconds and pairs per second of each, their ratio and max relative difference."""
+    import jax
+
+    from kernelscale import kernels, native
+    from kernelscale.kernels import parse_arch
+
+    spec = parse_arch(ARCHS[name], "ntk")
+    a = x[:rows]
+    out: dict = {"rows": rows}
+    for label, fn in (("neural_tangents", kernels.kernel_fn(spec, fast=False, native=False)),
+                      ("kernelscale", native.kernel_fn(spec))):
+        f = jax.jit(lambda u, v: fn(u, v, "ntk"))
+        k = f(a, a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            k = f(a, a).block_until_ready()
+        sec = (time.perf_counter() - t) / repeats
+        out[label] = {"seconds": round(sec, 4), "pairs_per_s": round(rows * rows / sec, 1)}
+        out[f"{label}_k"] = np.asarray(k, np.float64)
+    diff = np.abs(out.pop("neural_tangents_k") - out["kernelscale_k"]).max() / np.abs(out.pop("kernelscale_k")).max()
+    out["max_relative_difference"] = float(diff)
+    out["ratio"] = round(out["neural_tangents"]["seconds"] / out["kernelscale"]["seconds"], 1)
+    print(name, out, flush=True)
+    return out
+
+
+def kip_step(x: np.ndarray, labels: np.ndarray, ipc: int = 10, target: int = 500, steps: int = 3) -> dict:
+    """Seconds per ConvNet-3 KIP step (support ipc x 10 images, ``target`` rows, gradients through JAX)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernelscale import native
+    from kernelscale.kernels import parse_arch
+    from kernelscale.kip import make_kip
+
+    fn = native.kernel_fn(parse_arch("convnet:depth=3", "ntk"))
+    kip = make_kip(lambda a, b: fn(a, b, "ntk"), lr=0.01, learn_labels=True)
+    idx = np.concatenate([np.flatnonzero(labels == c)[:ipc] for c in range(10)])
+    y = np.eye(10, dtype=np.float32)[labels] - 0.1
+    state = kip.init(x[idx], y[idx])
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(steps + 1):
+        t_idx = rng.choice(len(x), target, replace=False)
+        t = time.perf_counter()
+        state, m = kip.update(state, (jnp.asarray(x[t_idx]), jnp.asarray(y[t_idx])))
+        jax.block_until_ready(state.x)
+        times.append(time.perf_counter() - t)
+    return {"support": len(idx), "target_batch": target, "first_step_seconds": round(times[0], 2),
+            "seconds_per_step": round(float(np.mean(times[1:])), 3), "loss": float(m["loss"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", required=True)
+    p.add_argument("--make-reference", metavar="REF.npz")
+    p.add_argument("--reference", metavar="REF.npz")
+    p.add_argument("--parts", default="accuracy,throughput,kip")
+    p.add_argument("--json", metavar="OUT.json")
+    args = p.parse_args()
+    if args.make_reference:
+        make_reference(args.rows, args.make_reference)
+        return
+    import jax
+
+    res: dict = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    parts = args.parts.split(",")
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    xtr, ytr, _ = load_rows(args.rows)
+    if "accuracy" in parts and args.reference:
+        res["accuracy"] = accuracy(args.reference)
+        print(json.dumps(res["accuracy"]), flush=True)
+        save()
+    if "throughput" in parts:
+        res["throughput"] = {}
+        for name, rows, steps in (("fc-3", 2048, [None]), ("convnet-3", 500, [None, 2048]), ("myrtle-5", 100, [None])):
+            res["throughput"][name] = throughput(xtr, name, rows, steps)
+            save()
+    if "nt" in parts:
+        res["versus_neural_tangents"] = {}
+        for name, rows in (("convnet-3", 32), ("myrtle-5", 8)):
+            try:
+                res["versus_neural_tangents"][name] = versus_neural_tangents(xtr, name, rows)
+            except Exception as exc:  # noqa: BLE001 - report, go on with the other parts
+                res["versus_neural_tangents"][name] = {"error": repr(exc)[:300]}
+            save()
+    if "kip" in parts:
+        res["kip_convnet"] = kip_step(xtr, ytr)
+        save()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
