@@ -311,24 +311,6 @@ def _fast_atan2() -> Callable:
     return atan2
 
 
-def _safe_sqrt() -> Callable:
-    """``sqrt(max(x, 0))`` with a zero derivative at 0 (as neural-tangents' ``_sqrt``)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    @jax.custom_jvp
-    def sqrt(x: Any) -> Any:
-        return jnp.sqrt(jnp.maximum(x, 0.0))
-
-    @sqrt.defjvp
-    def _sqrt_jvp(primals: Any, tangents: Any) -> Any:
-        (x,), (x_dot,) = primals, tangents
-        root = jnp.sqrt(jnp.maximum(x, 1e-30))
-        return sqrt(x), jnp.where(x > 1e-30, x_dot / (2 * root), 0.0)
-
-    return sqrt
-
-
 def fast_relu() -> tuple[Callable, Callable, KernelFn]:
     """ReLU as a neural-tangents ``stax.Elementwise`` layer with its closed-form arc-cosine kernel.
 
@@ -338,8 +320,10 @@ def fast_relu() -> tuple[Callable, Callable, KernelFn]:
     """
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from .native._arccos import safe_sqrt as sqrt  # noqa: PLC0415 - sqrt(max(x, 0)), zero derivative at 0
+
     stax = _neural_tangents().stax
-    atan2, sqrt = _fast_atan2(), _safe_sqrt()
+    atan2 = _fast_atan2()
     two_pi = 2 * float(np.pi)
 
     def relu_nngp(cov12: Any, var1: Any, var2: Any) -> Any:
