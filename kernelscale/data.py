@@ -788,6 +788,21 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return train_idx, val_idx
 
 
+def mixed_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation of rows (N,) that spreads every class evenly along the store (``ingest --shuffle``).
+
+    Each class's rows, in a random order, are placed at evenly spaced fractional positions (rank + u) / count
+    with u uniform in [0, 1): any run of consecutive rows, a chunk of the store included, then holds about
+    every class in its overall proportion.
+    """
+    rng = np.random.default_rng([seed, 0x6D6978])
+    key = np.empty(len(labels))
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        key[rows] = (np.arange(len(rows)) + rng.random(len(rows))) / len(rows)
+    return np.argsort(key, kind="stable")
+
+
 def balanced_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """A class-balanced, seeded subset of ``limit`` rows, in the original (sorted) order."""
     if limit >= len(labels):
@@ -1027,12 +1042,14 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     store_dtype: str = "float32",
+    shuffle: bool = False,
 ) -> dict[str, Any]:
     """Ingest SRC (ImageFolder dir, .npz, or builtin name) into a dataset store at OUT.
 
     ``store_dtype``: float32 or float16 model inputs, or uint8 pixels preprocessed on read (see STORE_DTYPES).
     An interrupted or killed ingest to a local OUT continues where it stopped when rerun with the same
-    arguments (also when only the --val-out split was missing).
+    arguments (also when only the --val-out split was missing). ``shuffle``: rows are stored in
+    :func:`mixed_order` (every class spread evenly along the store) instead of the source's order.
     Returns a JSON-able summary. All checks on the arguments and sources run before anything is written.
     """
     t0 = time.perf_counter()
@@ -1095,6 +1112,9 @@ def ingest(
         if val_fraction > 0:
             tr, va = stratified_split(source.labels[idx], val_fraction, seed)
             idx, val_idx = idx[tr], idx[va]
+        if shuffle:
+            idx = idx[mixed_order(source.labels[idx], seed)]
+            val_idx = val_idx[mixed_order(source.labels[val_idx], seed + 1)]
         plan = ingest_plan(source, idx, pre, stats, stats_from, augment, store_dtype)
         done = _completed(out, plan, overwrite, val_out)
         if done is not None:  # killed while writing --val-out: OUT itself is complete

@@ -23,7 +23,8 @@ from .data import DatasetStore, open_dataset
 from .distilled_store import DistilledStore, create_distilled, empty_history, open_distilled
 from .errors import InputError, NotConvergedError, StoreError
 from .kernels import KernelSpec, check_input_shape, load_spec, parse_arch
-from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler, check_gram, check_ipc, init_gram, init_random, label_solve
+from .kip_data import (DEFAULT_MEMORY_LIMIT, SAMPLING_MODES, TargetSampler, check_gram, check_ipc, init_gram,
+                       init_random, label_solve, sampling_mode)
 from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 from .target_augment import TargetAugment
 
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Settings that must match for --resume to continue a run (steps may grow).
 RESUME_KEYS = ("spec", "reg", "lr", "label_lr", "schedule", "learn_labels", "ipc", "target_batch", "seed", "init",
-               "dataset_fingerprint", "adversarial", "target_augment")
+               "dataset_fingerprint", "adversarial", "target_augment", "target_sampling")
 #: What a store written before a resume key existed was made with (so older runs still resume).
-RESUME_DEFAULTS = {"target_augment": "none"}
+RESUME_DEFAULTS = {"target_augment": "none", "target_sampling": "rows"}
 CEILING_MAX_ROWS = 6000  # full-data kernel regression from the stored Gram only up to this many DATA rows
 
 
@@ -183,7 +184,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
             kss_tile: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT, target_augment: str = "auto",
             target_transform: kipmod.TargetTransform | None = None,
             adversarial: str | None = None, pgd_steps: int = 10, adv_mix: float = 1.0,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, target_sampling: str = "auto") -> dict[str, Any]:
     """Run KIP on DATA (see ``kernelscale distill --help``); returns the JSON summary.
 
     Raises :class:`NotConvergedError` (exit 3) when the loss becomes non-finite: the last good checkpoint stays.
@@ -195,6 +196,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     check_input_shape(spec, data.input_shape)
     check_ipc(data, ipc)
     augment = TargetAugment.parse(target_augment, data.input_shape)
+    if target_sampling not in SAMPLING_MODES:
+        raise InputError(f"--target-sampling must be {', '.join(SAMPLING_MODES)}, got {target_sampling!r}")
     data.check_rows()  # NaN/Inf rows or corrupt chunks are refused before any compute
     data.check_content()  # and rows/labels edited behind the fingerprint's back (sampled chunks)
     if data.num_classes < 2:
@@ -223,6 +226,10 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
               "seed": seed, "init": init, "dataset_fingerprint": data.fingerprint,
               "target_augment": augment.describe()}
     config["adversarial"] = adv.config() if adv is not None else None
+    if target_sampling == "auto" and resume and storage.exists(out):  # auto continues as the run began
+        begun = open_distilled(out).attrs.get("config", {})
+        target_sampling = begun.get("target_sampling", RESUME_DEFAULTS["target_sampling"])
+    config["target_sampling"] = sampling_mode(target_sampling, data, memory_limit)
     storage.check_disjoint(out, [("DATA", data_path), ("--val", val), ("--gram", gram)], "--out")
     exists = storage.exists(out)
     if exists and not resume:
@@ -273,7 +280,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
                                "steps": steps, "start_step": start, "target_batch": target_batch, "lr": lr,
                                "label_lr": label_lr, "schedule": schedule, "reg": reg, "kss_tile": kss_tile,
                                "learn_labels": bool(learn_labels), "workers": workers, "init": init,
-                               "target_augment": augment.describe()}
+                               "target_augment": augment.describe(), "target_sampling": config["target_sampling"]}
 
     if adv is not None:
         summary["adversarial"] = adv.describe()
@@ -298,10 +305,11 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
     sampler = None
     ray_info: dict[str, Any] = {}
     if workers == 1 and kss_tile is None:
-        sampler = TargetSampler(data, target_batch, seed, memory_limit, augment)
+        sampler = TargetSampler(data, target_batch, seed, memory_limit, augment, config["target_sampling"])
     else:
         worker_kwargs = dict(lr=lr, reg=reg, learn_labels=learn_labels, batch=target_batch, seed=seed, parts=workers,
-                             memory_limit=memory_limit, target_transform=target_transform, augment=augment)
+                             memory_limit=memory_limit, target_transform=target_transform, augment=augment,
+                             sampling=config["target_sampling"])
         if workers == 1:
             pool = LocalPool([ShardWorker(data_path, spec.canonical(), part=0, **worker_kwargs)])
         else:
@@ -381,6 +389,8 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         "history": {"val_step": history["val_step"].tolist(), "val_accuracy": [round(float(v), 5) for v in history["val_accuracy"]]},
         "train_seconds": round(time.perf_counter() - t_start, 3),
     })
+    if sampler is not None and sampler.rows_read:  # targets read from the store (not held in memory)
+        summary["target_bytes_read_per_row"] = round(sampler.bytes_read / sampler.rows_read, 1)
     return summary
 
 

@@ -53,12 +53,13 @@ class ShardWorker:
 
     def __init__(self, data_path: str, spec_json: str, *, lr: float, reg: float, learn_labels: bool, batch: int,
                  seed: int, part: int = 0, parts: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT,
-                 target_transform: kipmod.TargetTransform | None = None, augment: TargetAugment | None = None):
+                 target_transform: kipmod.TargetTransform | None = None, augment: TargetAugment | None = None,
+                 sampling: str = "rows"):
         spec = KernelSpec.from_json(spec_json)
         self.kernel = pair_kernel(spec)
         self.kip = kipmod.make_kip(self.kernel, lr=lr, reg=reg, learn_labels=learn_labels,
                                    target_transform=target_transform)
-        self.sampler = TargetSampler(open_dataset(data_path), batch, seed, memory_limit, augment)
+        self.sampler = TargetSampler(open_dataset(data_path), batch, seed, memory_limit, augment, sampling)
         self.part, self.parts = part, parts
         self.devices = jax.local_devices()
         self._target_terms = jax.jit(lambda xs, al, xt, yt: kipmod.target_terms(self.kernel, xs, al, xt, yt))

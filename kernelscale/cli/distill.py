@@ -48,6 +48,12 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="translate/flip target images: auto (up to 1/16 of the image side: 2 px at 32x32; none for "
                         "non-image rows), none, or a comma list of shift=K and flip, e.g. shift=2,flip (flip only "
                         "for mirror-symmetric classes)")
+    p.add_argument("--target-sampling", default="auto", choices=["auto", "rows", "chunks"],
+                   help="rows: random rows of every class (a dataset larger than memory is read row by row, a "
+                        "whole store chunk per row); chunks: rows from a few whole chunks per step, so a step "
+                        "reads at most twice the bytes it uses (classes balanced as far as those chunks allow; "
+                        "store rows that mix classes give balanced batches); auto: chunks when DATA does not "
+                        "fit in memory (4 GiB), else rows. --resume keeps the run's choice")
     p.add_argument("--out", required=True, metavar="DISTILLED.zarr")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files at <out>_images.png / <out>_curves.png that this run did not write")
@@ -67,4 +73,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, adversarial=args.adversarial, pgd_steps=args.pgd_steps,
         adv_mix=args.adv_mix, target_augment=args.target_augment, overwrite=args.overwrite,
+        target_sampling=args.target_sampling,
     )

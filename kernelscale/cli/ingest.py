@@ -33,6 +33,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="hflip appends horizontally flipped copies of every (train) row")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "uint8"],
                    help="how rows are stored: float32 or float16 model inputs, or uint8 pixels preprocessed on read")
+    p.add_argument("--shuffle", action="store_true",
+                   help="store rows in a seeded order that spreads every class evenly (ImageFolder rows are "
+                        "otherwise stored class by class); KIP's chunk-wise target sampling then sees every class")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and VAL) if they exist")
 
 
@@ -52,4 +55,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         store_dtype=args.store_dtype,
+        shuffle=args.shuffle,
     )
