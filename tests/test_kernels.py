@@ -104,12 +104,12 @@ def test_fast_relu_matches_neural_tangents_relu(arch, shape, get):
     ref, fast = _reference_network(spec), kernels.kernel_fn(spec, native=False)
     a, b = np.asarray(ref(x1, x2, get)), np.asarray(fast(x1, x2, get))
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5 * np.abs(a).max())
-    # gradients through K_ss (as KIP takes them), including the diagonal where theta = 0
+    # gradients through K_ss (as KIP takes them: jitted), including the diagonal where theta = 0
     def loss(fn, x):
         k = fn(x, x, get)
         return jax.numpy.sum(jax.numpy.linalg.solve(k + 0.1 * jax.numpy.eye(len(x)), jax.numpy.ones(len(x))))
-    ga = np.asarray(jax.grad(lambda x: loss(ref, x))(x1[:6]))
-    gb = np.asarray(jax.grad(lambda x: loss(fast, x))(x1[:6]))
+    ga = np.asarray(jax.jit(jax.grad(lambda x: loss(ref, x)))(x1[:6]))
+    gb = np.asarray(jax.jit(jax.grad(lambda x: loss(fast, x)))(x1[:6]))
     assert np.isfinite(gb).all()
     np.testing.assert_allclose(gb, ga, rtol=1e-3, atol=1e-3 * np.abs(ga).max())
 

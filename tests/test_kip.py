@@ -101,24 +101,28 @@ def test_shard_sums_equal_whole_batch_step(rng):
 
 
 def test_tiled_kss_gradient_equals_autodiff(rng):
-    """The tile-wise K_ss gradient assembly equals jax.grad of the whole loss (uneven tiles, 2 target shards)."""
+    """The tile-wise K_ss gradient assembly equals jax.grad of the whole loss (uneven tiles, 2 target shards).
+
+    Every piece is jitted as ShardWorker jits it (tile bounds static), the whole-loss gradient as KIP's step is."""
     x_s, y_s, x_t, y_t = _problem(rng, n_s=11)
     kern, reg = _kernel(), 1e-3
-    (loss, _), (gx, gy) = jax.value_and_grad(lambda a, b: kipmod.sum_loss(kern, a, b, x_t, y_t, reg), (0, 1),
-                                             has_aux=True)(x_s, y_s)
-    tiles = kipmod.tile_pairs(11, 4)
-    assert len(tiles) == 6
-    kss_tile, kss_tile_vjp, target_terms = kipmod.kss_tile, kipmod.kss_tile_vjp, kipmod.target_terms
+    (loss, _), (gx, gy) = jax.jit(jax.value_and_grad(lambda a, b: kipmod.sum_loss(kern, a, b, x_t, y_t, reg), (0, 1),
+                                                     has_aux=True))(x_s, y_s)
+    tiles = kipmod.tile_pairs(11, 6)  # diagonal tiles of 6 and 5 rows, one 6 x 5 off-diagonal tile
+    assert len(tiles) == 3
+    kss_tile = jax.jit(lambda xs, b: kipmod.kss_tile(kern, xs, b), static_argnums=1)
+    kss_tile_vjp = jax.jit(lambda xs, b, g: kipmod.kss_tile_vjp(kern, xs, b, g), static_argnums=1)
+    target_terms = jax.jit(lambda xs, al, xt, yt: kipmod.target_terms(kern, xs, al, xt, yt))
     k_ss = np.zeros((11, 11), np.float32)
     for b in tiles:
         r0, r1, c0, c1 = b
-        k_ss[r0:r1, c0:c1] = kss_tile(kern, x_s, b)
+        k_ss[r0:r1, c0:c1] = kss_tile(x_s, b)
         k_ss[c0:c1, r0:r1] = k_ss[r0:r1, c0:c1].T
     alpha = kipmod.krr_weights(jnp.asarray(k_ss), y_s, reg)
-    terms = [target_terms(kern, x_s, alpha, x_t[s], y_t[s]) for s in (slice(0, 25), slice(25, 40))]
+    terms = [target_terms(x_s, alpha, x_t[s], y_t[s]) for s in (slice(0, 25), slice(25, 40))]
     u = terms[0]["u"] + terms[1]["u"]
     g_kss, gy_tiled = kipmod.kss_cotangent(jnp.asarray(k_ss), alpha, u, reg)
-    gx_tiled = terms[0]["gx"] + terms[1]["gx"] + sum(kss_tile_vjp(kern, x_s, b, g_kss) for b in tiles)
+    gx_tiled = terms[0]["gx"] + terms[1]["gx"] + sum(kss_tile_vjp(x_s, b, g_kss) for b in tiles)
     assert float(terms[0]["loss"] + terms[1]["loss"]) == pytest.approx(float(loss), rel=1e-4)
     np.testing.assert_allclose(gx_tiled, gx, rtol=2e-3, atol=1e-5 * float(jnp.abs(gx).max()))
     np.testing.assert_allclose(gy_tiled, gy, rtol=2e-3, atol=1e-5 * float(jnp.abs(gy).max()))
