@@ -165,6 +165,7 @@ class TargetSampler:
             if self.mode == "chunks" else None
         self.bytes_read = 0
         self.rows_read = 0
+        self._chunks: dict[int, np.ndarray] = {}  # stored rows of the current group's chunks (``chunks`` mode)
         nbytes = data.n * int(np.prod(data.input_shape)) * 4
         self.x_in_memory: np.ndarray | None = None
         self._x_padded: np.ndarray | None = None  # in-memory rows with the translation margin, when augmenting
@@ -228,12 +229,31 @@ class TargetSampler:
         x, y = self.read(idx)
         return self.augment.apply(x, params), y
 
+    def _read_chunks(self, idx: np.ndarray, step: int) -> np.ndarray:
+        """Model inputs of rows ``idx`` (sorted) from whole chunks, each read once for all the steps of its group
+        (held until the group changes: at most 2B rows)."""
+        assert self.plan is not None
+        group = set(self.plan.chunks(int(step) // self.plan.k).tolist())
+        for c in [c for c in self._chunks if c not in group]:
+            del self._chunks[c]
+        R = self.rows_per_chunk
+        parts = []
+        for c in np.unique(idx // R).tolist():
+            if c not in self._chunks:
+                self._chunks[c] = self.data.stored(c * R, min(self.data.n, (c + 1) * R))
+                self.bytes_read += self.chunk_bytes
+            parts.append(self._chunks[c][idx[idx // R == c] - c * R])
+        self.rows_read += len(idx)
+        if not parts:
+            return np.zeros((0, *self.data.input_shape), np.float32)
+        return self.data.model_inputs(np.concatenate(parts))
+
     def _chunk_batch(self, idx: np.ndarray, step: int, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
         params = self.augment.draw(len(idx), self.seed, step) if self.augment.active else None
         if parts > 1:
             keep = np.array_split(np.arange(len(idx)), parts)[part]
             idx, params = idx[keep], (params[keep] if params is not None else None)
-        x, y = self.read(idx)
+        x, y = self._read_chunks(idx, step), self.data.one_hot(idx)
         if params is None:
             return x, y
         order = self.augment.grouping(params)
