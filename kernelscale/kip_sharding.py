@@ -195,12 +195,13 @@ def tiled_sums(pool: LocalPool | RayPool, state: kipmod.KipState, step: int, til
         for (r0, r1, c0, c1), b in zip(a, bs):
             k_ss[r0:r1, c0:c1] = b
             k_ss[c0:c1, r0:r1] = b.T
-    alpha = np.asarray(kipmod.krr_weights(jnp.asarray(k_ss), jnp.asarray(y_s), reg))
+    factors = kipmod.factor_kss(jnp.asarray(k_ss), reg)  # once per step: alpha and the cotangent's solve
+    alpha = np.asarray(kipmod.solve_kss(factors, jnp.asarray(y_s)))
     support = pool.share((x_s, y_s, np.asarray(state.key)))
     alpha_ref = pool.share(alpha)
     parts = pool.map("target_terms", [(support, alpha_ref, step)] * w)
     sums = _tree_sum(parts, ("loss", "correct", "gx", "u"))
-    grad_kss, gy = kipmod.kss_cotangent(jnp.asarray(k_ss), jnp.asarray(alpha), jnp.asarray(sums.pop("u")), reg)
+    grad_kss, gy = kipmod.kss_cotangent(jnp.asarray(k_ss), jnp.asarray(alpha), jnp.asarray(sums.pop("u")), reg, factors)
     g_ref = pool.share(np.asarray(grad_kss))
     gx_tiles = pool.map("kss_vjp", [(x_ref, a, g_ref) for a in assignment])
     sums["gx"] = sums["gx"] + sum(gx_tiles[1:], gx_tiles[0])
