@@ -146,11 +146,14 @@ def kernel_fn(spec: Any, step: int | None = None) -> Callable[..., Any]:
     """The spec's ``kernel_fn(x1, x2=None, get=None)``: ``get`` is "ntk", "nngp" or a tuple of them (None:
     both, as ``(nngp, ntk)``); ``x2=None`` is x1 with itself (each pair once, exact diagonal)."""
 
+    # jitted once per kernel_fn (inlined under an outer jit): called eagerly, each input shape compiles once
+    blocks = {want_ntk: jax.jit(_block_fn(spec, want_ntk, step)) for want_ntk in (False, True)}
+
     def fn(x1: Any, x2: Any | None = None, get: str | tuple[str, ...] | None = None) -> Any:
         if x2 is x1:  # K(x, x) (also for one traced array passed twice, as KIP's K_ss): exact diagonal
             x2 = None
         names = ("nngp", "ntk") if get is None else (get,) if isinstance(get, str) else tuple(get)
-        nngp, ntk = _block_fn(spec, "ntk" in names, step)(jnp.asarray(x1), None if x2 is None else jnp.asarray(x2))
+        nngp, ntk = blocks["ntk" in names](jnp.asarray(x1), None if x2 is None else jnp.asarray(x2))
         out = {"nngp": nngp, "ntk": ntk}
         return out[names[0]] if isinstance(get, str) else tuple(out[n] for n in names)
 
