@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -31,28 +29,12 @@ CLI = [str(Path(sys.executable).parent / "kernelscale")]
 
 def run(args: list[str]) -> dict:
     """Run one CLI command with --json; returns its JSON plus wall seconds and peak RSS (MiB)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(CLI + args + ["--json", "--no-progress"], stdout=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def poll() -> None:
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], p.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    out, _ = proc.communicate()
-    watcher.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["wall_s"] = round(time.perf_counter() - t, 1)
-    result["peak_rss_mib"] = round(peak[0] / 2**20)
+    done, wall, peak = run_measured(CLI + args + ["--json", "--no-progress"])
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed with exit code {done.returncode}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(wall, 1)
+    result["peak_rss_mib"] = round(peak["driver"])
     print(f"{args[0]} {args[1]}: {result['wall_s']} s, peak RSS {result['peak_rss_mib']} MiB", flush=True)
     return result
 

@@ -16,47 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_measured(cmd: list[str]) -> tuple[dict, float, dict[str, float]]:
-    """Run ``cmd`` (a kernelscale command with --json); return (summary, wall seconds, peak RSS in MiB of the
-    driver and of the largest other process it started: Ray workers, raylet, ...)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    peak = {"driver": 0.0, "largest_worker": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        me = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                peak["driver"] = max(peak["driver"], me.memory_info().rss / 2**20)
-                for child in me.children(recursive=True):
-                    try:
-                        peak["largest_worker"] = max(peak["largest_worker"], child.memory_info().rss / 2**20)
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, err = proc.communicate()
-    stop.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({proc.returncode}): {err[-1500:]}")
-    return json.loads(out.strip().splitlines()[-1]), time.perf_counter() - t0, {k: round(v, 1) for k, v in peak.items()}
+def run_distill(cmd: list[str]) -> tuple[dict, float, dict[str, float]]:
+    """Run a kernelscale command with --json: (its summary, wall seconds, peak RSS in MiB per process kind)."""
+    done, wall, peak = run_measured(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({done.returncode}): {done.stderr[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall, peak
 
 
 def dir_bytes(path: Path) -> int:
@@ -85,12 +58,12 @@ def main() -> None:
     results = []
     for ipc in [int(v) for v in args.ipc.split(",")]:
         probe_out = work / f"probe_ipc{ipc}.zarr"
-        probe, probe_wall, _ = run_measured(ks + ["--ipc", str(ipc), "--steps", str(args.probe_steps),
+        probe, probe_wall, _ = run_distill(ks + ["--ipc", str(ipc), "--steps", str(args.probe_steps),
                                                   "--checkpoint-every", str(args.probe_steps), "--out", str(probe_out)])
         step_s = probe["seconds_per_step"]
         steps = max(args.probe_steps, int(args.budget / step_s))
         out = work / f"ipc{ipc}.zarr"
-        run, wall, peak = run_measured(ks + ["--ipc", str(ipc), "--steps", str(steps), "--checkpoint-every", str(steps),
+        run, wall, peak = run_distill(ks + ["--ipc", str(ipc), "--steps", str(steps), "--checkpoint-every", str(steps),
                                              "--val", args.val, "--eval-every", str(steps), "--out", str(out)])
         row = {"ipc": ipc, "support": run["n_support"], "steps": steps, "seconds_per_step": run["seconds_per_step"],
                "first_step_seconds": run["first_step_seconds"], "comm_seconds_per_step": run["comm_seconds_per_step"],
