@@ -1,6 +1,7 @@
 """Native kernels on an accelerator, in one process (no Ray, Zarr or image folder needed there): float32 accuracy
 against a float64 reference made on CPU, Gram-block throughput of fc-3, convnet-3 and Myrtle-5 at 32x32 for
-several streamed step sizes, and the time of a ConvNet KIP step (10 images per class, 500 target rows).
+several streamed step sizes, the time of a ConvNet KIP step (10 images per class, 500 target rows), and fc KIP
+steps with 1,000 classes at supports of 1,000 to 10,000 images (``--parts kip1000``, synthetic rows).
 
     .venv/bin/python benchmarks/gpu_native.py --rows ROWS.npz --make-reference REF.npz   # any machine, float64
     python3 benchmarks/gpu_native.py --rows ROWS.npz --reference REF.npz --json OUT.json  # on the accelerator
@@ -146,6 +147,39 @@ def kip_step(x: np.ndarray, labels: np.ndarray, ipc: int = 10, target: int = 500
             "seconds_per_step": round(float(np.mean(times[1:])), 3), "loss": float(m["loss"])}
 
 
+def kip_thousand_classes(supports: list[int], target: int = 2000, classes: int = 1000, steps: int = 3) -> dict:
+    """Seconds per fc-3 KIP step (labels learned, whole K_ss and its solve in one process) with ``classes``
+    classes, for each support size; synthetic N(0, 1) 32x32x3 rows (the cost does not depend on their values)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernelscale import native
+    from kernelscale.kernels import parse_arch
+    from kernelscale.kip import make_kip
+
+    fn = native.kernel_fn(parse_arch("fc:depth=3", "ntk"))
+    kip = make_kip(lambda a, b: fn(a, b, "ntk"), lr=0.01, learn_labels=True)
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(10 * target, 32, 32, 3)).astype(np.float32)
+    y_pool = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, len(pool))] - 1.0 / classes
+    runs = []
+    for s in supports:
+        state = kip.init(rng.normal(size=(s, 32, 32, 3)).astype(np.float32),
+                         np.eye(classes, dtype=np.float32)[np.arange(s) % classes] - 1.0 / classes)
+        times = []
+        for _ in range(steps + 1):
+            idx = rng.choice(len(pool), target, replace=False)
+            t = time.perf_counter()
+            state, _m = kip.update(state, (jnp.asarray(pool[idx]), jnp.asarray(y_pool[idx])))
+            jax.block_until_ready(state.x)
+            times.append(time.perf_counter() - t)
+        mem = jax.devices()[0].memory_stats() or {}
+        runs.append({"support": s, "first_step_s": round(times[0], 2), "seconds_per_step": round(float(np.median(times[1:])), 4),
+                     "peak_device_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)})
+        print(json.dumps(runs[-1]), flush=True)
+    return {"classes": classes, "target_batch": target, "runs": runs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", required=True)
@@ -187,6 +221,9 @@ def main() -> None:
             save()
     if "kip" in parts:
         res["kip_convnet"] = kip_step(xtr, ytr)
+        save()
+    if "kip1000" in parts:
+        res["kip_1000_classes"] = kip_thousand_classes([1000, 2000, 5000, 10000])
         save()
     print(json.dumps(res))
 
