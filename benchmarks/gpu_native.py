@@ -123,9 +123,6 @@ def versus_neural_tangents(x: np.ndarray, name: str, rows: int, repeats: int = 3
 
 def kip_step(x: np.ndarray, labels: np.ndarray, ipc: int = 10, target: int = 500, steps: int = 3) -> dict:
     """Seconds per ConvNet-3 KIP step (support ipc x 10 images, ``target`` rows, gradients through JAX)."""
-    import jax
-    import jax.numpy as jnp
-
     from kernelscale import native
     from kernelscale.kernels import parse_arch
     from kernelscale.kip import make_kip
@@ -134,24 +131,33 @@ def kip_step(x: np.ndarray, labels: np.ndarray, ipc: int = 10, target: int = 500
     kip = make_kip(lambda a, b: fn(a, b, "ntk"), lr=0.01, learn_labels=True)
     idx = np.concatenate([np.flatnonzero(labels == c)[:ipc] for c in range(10)])
     y = np.eye(10, dtype=np.float32)[labels] - 0.1
-    state = kip.init(x[idx], y[idx])
-    rng = np.random.default_rng(0)
-    times = []
+    times, loss = timed_steps(kip, kip.init(x[idx], y[idx]), x, y, target, steps, np.random.default_rng(0))
+    return {"support": len(idx), "target_batch": target, "first_step_seconds": round(times[0], 2),
+            "seconds_per_step": round(float(np.mean(times[1:])), 3), "loss": loss}
+
+
+def timed_steps(kip, state, x: np.ndarray, y: np.ndarray, target: int, steps: int, rng: np.random.Generator
+                ) -> tuple[list[float], float]:
+    """Wall seconds of ``steps + 1`` KIP updates on random ``target``-row batches of (x, y) (the first compiles),
+    and the last step's loss."""
+    import jax
+    import jax.numpy as jnp
+
+    times, loss = [], float("nan")
     for _ in range(steps + 1):
         t_idx = rng.choice(len(x), target, replace=False)
         t = time.perf_counter()
-        state, m = kip.update(state, (jnp.asarray(x[t_idx]), jnp.asarray(y[t_idx])))
+        state, metrics = kip.update(state, (jnp.asarray(x[t_idx]), jnp.asarray(y[t_idx])))
         jax.block_until_ready(state.x)
         times.append(time.perf_counter() - t)
-    return {"support": len(idx), "target_batch": target, "first_step_seconds": round(times[0], 2),
-            "seconds_per_step": round(float(np.mean(times[1:])), 3), "loss": float(m["loss"])}
+        loss = float(metrics["loss"])
+    return times, loss
 
 
 def kip_thousand_classes(supports: list[int], target: int = 2000, classes: int = 1000, steps: int = 3) -> dict:
     """Seconds per fc-3 KIP step (labels learned, whole K_ss and its solve in one process) with ``classes``
     classes, for each support size; synthetic N(0, 1) 32x32x3 rows (the cost does not depend on their values)."""
     import jax
-    import jax.numpy as jnp
 
     from kernelscale import native
     from kernelscale.kernels import parse_arch
@@ -166,13 +172,7 @@ def kip_thousand_classes(supports: list[int], target: int = 2000, classes: int =
     for s in supports:
         state = kip.init(rng.normal(size=(s, 32, 32, 3)).astype(np.float32),
                          np.eye(classes, dtype=np.float32)[np.arange(s) % classes] - 1.0 / classes)
-        times = []
-        for _ in range(steps + 1):
-            idx = rng.choice(len(pool), target, replace=False)
-            t = time.perf_counter()
-            state, _m = kip.update(state, (jnp.asarray(pool[idx]), jnp.asarray(y_pool[idx])))
-            jax.block_until_ready(state.x)
-            times.append(time.perf_counter() - t)
+        times, _ = timed_steps(kip, state, pool, y_pool, target, steps, rng)
         mem = jax.devices()[0].memory_stats() or {}
         runs.append({"support": s, "first_step_s": round(times[0], 2), "seconds_per_step": round(float(np.median(times[1:])), 4),
                      "peak_device_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2)})
