@@ -182,13 +182,15 @@ def kip_thousand_classes(supports: list[int], target: int = 2000, classes: int =
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", required=True)
+    p.add_argument("--rows", help="cnn_experiments --export file (every part but kip1000 needs it)")
     p.add_argument("--make-reference", metavar="REF.npz")
     p.add_argument("--reference", metavar="REF.npz")
     p.add_argument("--parts", default="accuracy,throughput,kip")
     p.add_argument("--json", metavar="OUT.json")
     args = p.parse_args()
     if args.make_reference:
+        if not args.rows:
+            p.error("--make-reference needs --rows ROWS.npz")
         make_reference(args.rows, args.make_reference)
         return
     import jax
@@ -201,7 +203,9 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
 
-    xtr, ytr, _ = load_rows(args.rows)
+    if not args.rows and set(parts) - {"kip1000"}:
+        p.error("--rows ROWS.npz is needed for the accuracy, throughput, nt and kip parts")
+    xtr, ytr, _ = load_rows(args.rows) if args.rows else (None, None, None)
     if "accuracy" in parts and args.reference:
         res["accuracy"] = accuracy(args.reference)
         print(json.dumps(res["accuracy"]), flush=True)
