@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .errors import InputError, StoreError
+from .labels import one_hot
 
 log = logging.getLogger(__name__)
 
@@ -709,8 +710,7 @@ class DatasetStore:
     def one_hot(self, idx: np.ndarray | None = None, centred: bool = True) -> np.ndarray:
         """Regression targets (N, C): one-hot labels, minus 1/C when ``centred``."""
         labels = self.labels if idx is None else self.labels[idx]
-        y = np.eye(self.num_classes, dtype=np.float32)[labels]
-        return y - 1.0 / self.num_classes if centred else y
+        return one_hot(labels, self.num_classes, centred)
 
     @property
     def affine(self) -> AffineMap:

@@ -32,6 +32,8 @@ import jax.scipy.linalg
 import numpy as np
 import optax
 
+from .labels import one_hot
+
 log = logging.getLogger(__name__)
 
 #: f(x1, x2) -> (n1, n2) kernel block (differentiable in both arguments), e.g. ``kernels.pairwise(spec)``
@@ -87,11 +89,14 @@ def regulariser(k_ss: jax.Array, reg: float) -> jax.Array:
     return reg * jnp.trace(k_ss) / k_ss.shape[0]
 
 
+def regularised(k_ss: jax.Array, reg: float) -> jax.Array:
+    """``K_ss + lam I`` with lam from :func:`regulariser`."""
+    return k_ss + regulariser(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
+
+
 def krr_weights(k_ss: jax.Array, y_s: jax.Array, reg: float) -> jax.Array:
     """``(K_ss + lam I)^-1 y_s`` (n_s, C), solved with LU (robust to rounding in near-singular K_ss)."""
-    n = k_ss.shape[0]
-    a = k_ss + regulariser(k_ss, reg) * jnp.eye(n, dtype=k_ss.dtype)
-    return jnp.linalg.solve(a, y_s)
+    return jnp.linalg.solve(regularised(k_ss, reg), y_s)
 
 
 def sum_loss(kernel: PairKernel, x_s: jax.Array, y_s: jax.Array, x_t: jax.Array, y_t: jax.Array, reg: float
@@ -201,7 +206,7 @@ def predict_fn(kernel: PairKernel, x_s: Any, y_s: Any, reg: float) -> Callable[[
 
 def score(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Sums for accuracy and mse of predictions (n, C) against integer labels (centred one-hot targets)."""
-    target = np.eye(num_classes, dtype=np.float32)[labels] - 1.0 / num_classes
+    target = one_hot(labels, num_classes)
     return {"correct": float(np.sum(np.argmax(pred, axis=1) == labels)),
             "sq_error": float(np.sum((np.asarray(pred, np.float64) - target) ** 2)), "n": float(len(labels))}
 
@@ -268,8 +273,7 @@ def target_terms(kernel: PairKernel, x_s: Any, alpha: Any, x_t: Any, y_t: Any) -
 def factor_kss(k_ss: Any, reg: float) -> Any:
     """LU factors of ``K_ss + lam I``: one O(n_s^3) factorisation that :func:`solve_kss` reuses for alpha and for
     the cotangent's solve (a 10,000-image support: ~6.7e11 flop, the most expensive dense step of a tiled KIP step)."""
-    n = k_ss.shape[0]
-    return jax.scipy.linalg.lu_factor(k_ss + regulariser(k_ss, reg) * jnp.eye(n, dtype=k_ss.dtype))
+    return jax.scipy.linalg.lu_factor(regularised(k_ss, reg))
 
 
 def solve_kss(factors: Any, rhs: Any) -> jax.Array:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .data import DatasetStore, available_memory, open_dataset
 from .errors import InputError, NotConvergedError, StoreError
+from .labels import one_hot
 from .gram_store import GramStore, open_gram
 from .linalg import (
     CGOptions,
@@ -358,7 +359,7 @@ def label_scores(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict
     """:func:`scores` against integer ``labels`` (n,) of ``num_classes`` classes: accuracy and centred-one-hot mse."""
     if not np.isfinite(pred).all():
         raise StoreError("predictions are not finite: a store holds NaN/Inf values; run `kernelscale verify`")
-    y = np.eye(num_classes, dtype=np.float32)[labels].astype(np.float64) - np.float32(1.0 / num_classes)
+    y = one_hot(labels, num_classes).astype(np.float64)
     return {"accuracy": float(np.mean(np.argmax(pred, axis=1) == labels)),
             "mse": float(np.mean((pred - y) ** 2))}
 
@@ -439,7 +440,7 @@ def curve_arrays(k_full: np.ndarray, k_cross: np.ndarray, labels: np.ndarray, te
     nested order, ``k_cross`` (n_test, m), their ``labels`` (m,) and ``test_labels`` (n_test,); for each size n,
     KRR on the first n rows, scored on every test row."""
     check_reg(reg, reg_scale)
-    y_all = (np.eye(num_classes, dtype=np.float32)[labels] - np.float32(1.0 / num_classes)).astype(np.float64)
+    y_all = one_hot(labels, num_classes).astype(np.float64)
     acc, mse, secs, how = [], [], [], []
     for n in tqdm(sorted(sizes), desc="curve", disable=not progress):
         t = time.perf_counter()
