@@ -96,6 +96,15 @@ def export_rows(train: str, val: str, path: Path) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
+def load_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """An ``--export`` file as model inputs: ``train_x``/``val_x`` (n, H, W, C) float32, the ingested stores' values
+    ((pixels / 255 - mean) * scale), and ``train_labels``/``val_labels``."""
+    rows = np.load(path)
+    prep = lambda p: ((p.astype(np.float32) / 255.0 - rows["mean"]) * rows["scale"]).astype(np.float32)  # noqa: E731
+    return {"train_x": prep(rows["train_pixels"]), "train_labels": rows["train_labels"],
+            "val_x": prep(rows["val_pixels"]), "val_labels": rows["val_labels"]}
+
+
 def gram_in_process(spec, x: np.ndarray, x2: np.ndarray | None = None, block: int = 1000) -> tuple[np.ndarray, float]:
     """K(x, x) (symmetric blocks, exact diagonal) or K(x, x2) with the native JAX kernel on the default backend, in
     ``block``-row blocks (rows padded to a multiple of ``block``: one compilation). Returns (K, seconds)."""
@@ -133,13 +142,12 @@ def run_in_process(args: argparse.Namespace) -> dict:
     from kernelscale.kernels import parse_arch
     from kernelscale.krr import curve_arrays, nested_order
 
-    rows = np.load(args.in_process)
-    prep = lambda p: ((p.astype(np.float32) / 255.0 - rows["mean"]) * rows["scale"]).astype(np.float32)  # noqa: E731
+    rows = load_rows(args.in_process)
     # fewer rows than exported: a class-balanced subset (the stores are written class by class)
     tr = np.sort(nested_order(rows["train_labels"], 0)[: args.train])
     te = np.sort(nested_order(rows["val_labels"], 0)[: args.test])
-    xtr, ytr = prep(rows["train_pixels"][tr]), rows["train_labels"][tr]
-    xte, yte = prep(rows["val_pixels"][te]), rows["val_labels"][te]
+    xtr, ytr = rows["train_x"][tr], rows["train_labels"][tr]
+    xte, yte = rows["val_x"][te], rows["val_labels"][te]
     sizes = [s for s in (125, 250, 500, 1000, 2000, 4000, 8000) if s <= len(xtr)]
     if not sizes or sizes[-1] != len(xtr):
         sizes.append(len(xtr))

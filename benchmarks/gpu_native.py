@@ -17,14 +17,9 @@ import json
 import time
 
 import numpy as np
+from cnn_experiments import load_rows
 
 ARCHS = {"fc-3": "fc:depth=3", "convnet-3": "convnet:depth=3", "myrtle-5": "myrtle:depth=5"}
-
-
-def load_rows(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = np.load(path)
-    prep = lambda p: ((p.astype(np.float32) / 255.0 - rows["mean"]) * rows["scale"]).astype(np.float32)  # noqa: E731
-    return prep(rows["train_pixels"]), rows["train_labels"], prep(rows["val_pixels"])
 
 
 def make_reference(rows: str, out: str, n: int = 8) -> None:
@@ -35,7 +30,8 @@ def make_reference(rows: str, out: str, n: int = 8) -> None:
     from kernelscale import native
     from kernelscale.kernels import parse_arch
 
-    xtr, _, xva = load_rows(rows)
+    loaded = load_rows(rows)
+    xtr, xva = loaded["train_x"], loaded["val_x"]
     a, b = xtr[:n].astype(np.float64), xva[:n].astype(np.float64)
     ref: dict[str, np.ndarray] = {"a": xtr[:n], "b": xva[:n]}
     for name, arch in ARCHS.items():
@@ -205,7 +201,8 @@ def main() -> None:
 
     if not args.rows and set(parts) - {"kip1000"}:
         p.error("--rows ROWS.npz is needed for the accuracy, throughput, nt and kip parts")
-    xtr, ytr, _ = load_rows(args.rows) if args.rows else (None, None, None)
+    loaded = load_rows(args.rows) if args.rows else {}
+    xtr, ytr = loaded.get("train_x"), loaded.get("train_labels")
     if "accuracy" in parts and args.reference:
         res["accuracy"] = accuracy(args.reference)
         print(json.dumps(res["accuracy"]), flush=True)
