@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kernelscale demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

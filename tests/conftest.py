@@ -14,6 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (``make test``): one worker more than the CPUs, at most 6. Many tests wait on Ray start-up,
+    subprocesses and disk, so a third worker on a 2-CPU machine keeps both CPUs busy."""
+    return max(2, min(6, (os.cpu_count() or 1) + 1))
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     if not CIFAR_DIR.is_dir():
@@ -43,6 +49,24 @@ def ray_local():
     shutdown_if_started(info)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One JAX persistent compilation cache for this test run, shared by the xdist workers, the CLI subprocesses
+    and the Ray workers they start (through the environment). It starts empty in every run, as on a clean CI
+    clone, and lives under pytest's base temp directory: the same kernels compiled by many tests compile once."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = root / "jax-compile-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    return cache
+
+
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
@@ -59,8 +83,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Under pytest-xdist every worker inherits the controller's environment, so each worker picks its own port for
+# its own server; an endpoint the user set (without our marker) is kept.
 S3_PORT = _free_port()
-os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+if "AWS_ENDPOINT_URL" not in os.environ or os.environ.get("KERNELSCALE_TEST_S3_ENDPOINT") == "1":
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+    os.environ["KERNELSCALE_TEST_S3_ENDPOINT"] = "1"
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "kernelscale-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kernelscale-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
