@@ -87,11 +87,11 @@ def flops_per_pair(spec, shape: tuple[int, ...]) -> float:
     covariance entry of a stage, 2C (channel products, first conv), 4 per box sum (separable 3 + 3 adds,
     NNGP and NTK), 4 per affine map, 32 per ReLU (arc-cosine polynomial, 2 square roots, NTK product),
     4 per pool contribution."""
-    from kernelscale.native._cpu import stage_plan
+    from kernelscale.kernels.native._cpu import stage_plan
 
     net_ops = {"convnet": ("conv", "act", "pool") * spec.params["depth"]}.get(spec.arch)
     if net_ops is None:
-        from kernelscale.native._conv import ConvNet
+        from kernelscale.kernels.native._conv import ConvNet
 
         net_ops = ConvNet.myrtle(spec.params["depth"], 1.0, 0.0, shape[0], shape[1]).ops
     stage_ops, dims, _, _ = stage_plan(net_ops, shape[0], shape[1])
@@ -156,7 +156,7 @@ def run(arch: str, n: int, nt_n: int, nt_batch: int, x: np.ndarray) -> dict:
             row["max_rel_diff_vs_nt_off_diagonal"] = float(np.abs(k_ks_small - k_nt)[off].max() / np.abs(k_nt).max())
     # like-for-like factors on the same N = nt_n Gram: the native JAX recursion (structure alone) and the
     # compiled CPU path over every ordered pair (fusion), before symmetry halves the pairs
-    from kernelscale import native
+    from kernelscale.kernels import native
 
     for name, fn in (("native_jax_full", native.block_kernel(spec)), ("native_cpu_full", kernels.gram_calls(spec)[0])):
         t_full, _ = time_gram(lambda a, f=fn: f(a, a), x[:nt_n], x[:nt_n])  # jitted per shape: warm the same
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from kernelscale.native._api import cpu_threads
+    from kernelscale.kernels.native._api import cpu_threads
 
     x, source = load_images(max(args.n_conv, args.n_myrtle, args.n_fc, args.nt_n))
     threads = cpu_threads()

@@ -37,7 +37,7 @@ def main() -> None:
 
     from kernelscale import compute_gram
     from kernelscale.data import ingest
-    from kernelscale.engine import gram_status
+    from kernelscale.gram.engine import gram_status
     from kernelscale.runtime import ensure_ray
 
     os.makedirs(args.workdir, exist_ok=True)

@@ -42,12 +42,12 @@ def plain_loop_vs_ours(train: str, steps: int, batch: int = 2000, ipc: int = 10)
     import jax.numpy as jnp
     import optax
 
-    from kernelscale import kip as kipmod
+    from kernelscale.kip import step as kipmod
     from kernelscale.data import open_dataset
     from kernelscale.kernels import kernel_fn, parse_arch
-    from kernelscale.kip_data import TargetSampler, init_random
-    from kernelscale.kip_sharding import pair_kernel
-    from kernelscale.target_augment import TargetAugment
+    from kernelscale.kip.targets import TargetSampler, init_random
+    from kernelscale.kip.sharding import pair_kernel
+    from kernelscale.kip.augment import TargetAugment
 
     data = open_dataset(train)
     spec = parse_arch("fc:depth=3", "ntk")
@@ -184,7 +184,7 @@ def convnet(work: Path, size: int, steps: int, batch: int, ipc: int = 1) -> dict
 
 def tiled(train: str, work: Path, steps: int = 10, tile: int = 50) -> dict:
     """``--kss-tile`` from the CLI (ipc 10, K_ss in 50 x 50 tiles) against the fused step: same result, step time."""
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip.store import open_distilled
     from kernelscale.storage import remove
 
     res = {}
@@ -201,7 +201,7 @@ def tiled(train: str, work: Path, steps: int = 10, tile: int = 50) -> dict:
 
 def workers(train: str, steps: int, batch: int = 8000) -> dict:
     """Step time with 1 worker (in-process) and 2 Ray actors at target batch 8,000; communication per step."""
-    from kernelscale.kip_run import distill
+    from kernelscale.kip.run import distill
     from kernelscale.runtime import ensure_ray
     from kernelscale.storage import remove
 

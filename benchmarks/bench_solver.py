@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from kernelscale.data import open_dataset
-from kernelscale.gram_store import open_gram
+from kernelscale.gram.operators import ZarrGramOperator
+from kernelscale.gram.store import open_gram
 from kernelscale.krr import effective_reg, scores
 from kernelscale.linalg import (
     CGOptions,
     DenseOperator,
     PreconditionerSpec,
-    ZarrGramOperator,
     build_preconditioner,
     cg,
     cholesky_solve,

@@ -19,7 +19,7 @@ import numpy as np
 def measure(path: str, batch: int, steps: int, mode: str, seed: int = 0) -> dict:
     """Bytes read per target row, seconds per batch (median) and class coverage of ``steps`` batches."""
     from kernelscale.data import open_dataset
-    from kernelscale.kip_data import TargetSampler
+    from kernelscale.kip.targets import TargetSampler
 
     ds = open_dataset(path)
     sampler = TargetSampler(ds, batch, seed, memory_limit=0, mode=mode)

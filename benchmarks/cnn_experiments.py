@@ -109,7 +109,7 @@ def gram_in_process(spec, x: np.ndarray, x2: np.ndarray | None = None, block: in
     """K(x, x) (symmetric blocks, exact diagonal) or K(x, x2) with the native JAX kernel on the default backend, in
     ``block``-row blocks (rows padded to a multiple of ``block``: one compilation). Returns (K, seconds)."""
     import jax
-    from kernelscale import native
+    from kernelscale.kernels import native
 
     fn = native.kernel_fn(spec)
     sym = jax.jit(lambda a: fn(a, None, spec.kernel))

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from kernelscale import compute_gram, parse_arch
-    from kernelscale.kip_run import distill
+    from kernelscale.kip.run import distill
     from kernelscale.krr import solve
 
     sizes = SMALL if args.small else FULL

@@ -27,7 +27,7 @@ def make_reference(rows: str, out: str, n: int = 8) -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from kernelscale import native
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
 
     loaded = load_rows(rows)
@@ -44,7 +44,7 @@ def make_reference(rows: str, out: str, n: int = 8) -> None:
 
 def accuracy(ref_path: str) -> dict:
     """max |K32 - K64| / max |K64| of the float32 kernel on this backend, on and off the diagonal."""
-    from kernelscale import native
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
 
     ref = np.load(ref_path)
@@ -64,10 +64,10 @@ def throughput(x: np.ndarray, name: str, rows: int, steps: list[int | None], rep
     """Pairs per second of one (rows x rows) block call, per streamed step size (None: the default)."""
     import jax
 
-    from kernelscale import native
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
 
-    from kernelscale.native._api import pairs_per_step
+    from kernelscale.kernels.native._api import pairs_per_step
 
     spec = parse_arch(ARCHS[name], "ntk")
     out = {}
@@ -94,7 +94,8 @@ def versus_neural_tangents(x: np.ndarray, name: str, rows: int, repeats: int = 3
     kernel: seconds and pairs per second of each, their ratio and max relative difference."""
     import jax
 
-    from kernelscale import kernels, native
+    from kernelscale import kernels
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
 
     spec = parse_arch(ARCHS[name], "ntk")
@@ -119,9 +120,9 @@ def versus_neural_tangents(x: np.ndarray, name: str, rows: int, repeats: int = 3
 
 def kip_step(x: np.ndarray, labels: np.ndarray, ipc: int = 10, target: int = 500, steps: int = 3) -> dict:
     """Seconds per ConvNet-3 KIP step (support ipc x 10 images, ``target`` rows, gradients through JAX)."""
-    from kernelscale import native
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
-    from kernelscale.kip import make_kip
+    from kernelscale.kip.step import make_kip
 
     fn = native.kernel_fn(parse_arch("convnet:depth=3", "ntk"))
     kip = make_kip(lambda a, b: fn(a, b, "ntk"), lr=0.01, learn_labels=True)
@@ -155,9 +156,9 @@ def kip_thousand_classes(supports: list[int], target: int = 2000, classes: int =
     classes, for each support size; synthetic N(0, 1) 32x32x3 rows (the cost does not depend on their values)."""
     import jax
 
-    from kernelscale import native
+    from kernelscale.kernels import native
     from kernelscale.kernels import parse_arch
-    from kernelscale.kip import make_kip
+    from kernelscale.kip.step import make_kip
 
     fn = native.kernel_fn(parse_arch("fc:depth=3", "ntk"))
     kip = make_kip(lambda a, b: fn(a, b, "ntk"), lr=0.01, learn_labels=True)

@@ -50,11 +50,11 @@ def support_predictor(path: str, arch: str | None = None, kernel: str | None = N
     """KernelPredictor of a distilled support (optionally with another kernel: transfer surrogate)."""
     import jax.numpy as jnp
 
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip.store import open_distilled
     from kernelscale.kernels import KernelSpec, parse_arch
-    from kernelscale.kip import krr_weights
-    from kernelscale.kip_sharding import pair_kernel
-    from kernelscale.robust import KernelPredictor
+    from kernelscale.kip.step import krr_weights
+    from kernelscale.kip.sharding import pair_kernel
+    from kernelscale.attack.kernel_pgd import KernelPredictor
 
     store = open_distilled(path)
     spec = KernelSpec.from_json(store.attrs["spec"])
@@ -67,8 +67,8 @@ def support_predictor(path: str, arch: str | None = None, kernel: str | None = N
 
 
 def run_supports(name: str, args: argparse.Namespace, work: Path) -> dict:
-    from kernelscale.kip_run import distill
-    from kernelscale.robust import Attack, attack_rows, pgd
+    from kernelscale.kip.run import distill
+    from kernelscale.attack.kernel_pgd import Attack, attack_rows, pgd
     from kernelscale.data import open_dataset
 
     train, val = ingest_pair(name, work)
@@ -152,11 +152,11 @@ def plot_supports(name: str, out: dict) -> None:
 
 def run_curve(args: argparse.Namespace, work: Path) -> dict:
     from kernelscale.data import ingest, open_dataset
-    from kernelscale.engine import compute_gram
+    from kernelscale.gram.engine import compute_gram
     from kernelscale.krr import nested_order
     from kernelscale.kernels import parse_arch
-    from kernelscale.robust import Attack
-    from kernelscale.robust_run import robust_curve
+    from kernelscale.attack.kernel_pgd import Attack
+    from kernelscale.robust.run import robust_curve
 
     results = {}
     for name, sizes, attacks in (

@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .runtime import configure_xla as _configure_xla
-from .runtime import install_nt_stub as _install_nt_stub
+from kernelscale.runtime import configure_xla as _configure_xla
+from kernelscale.runtime import install_nt_stub as _install_nt_stub
 
 __version__ = "0.1.0"
 
@@ -31,8 +31,8 @@ _EXPORTS = {
     "InputError": "kernelscale.errors",
     "StoreError": "kernelscale.errors",
     "NotConvergedError": "kernelscale.errors",
-    "compute_gram": "kernelscale.engine",
-    "open_gram": "kernelscale.gram_store",
+    "compute_gram": "kernelscale.gram.engine",
+    "open_gram": "kernelscale.gram.store",
 }
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, Iterator
 
-from .errors import InputError
+from kernelscale.errors import InputError
 
 log = logging.getLogger(__name__)
 

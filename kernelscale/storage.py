@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
-from .errors import InputError, KernelscaleError, StoreError
+from kernelscale.errors import InputError, KernelscaleError, StoreError
 
 log = logging.getLogger(__name__)
 

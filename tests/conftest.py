@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (``make test``): one worker more than the CPUs, at most 6. Many tests wait on Ray start-up,
     subprocesses and disk, so a third worker on a 2-CPU machine keeps both CPUs busy."""

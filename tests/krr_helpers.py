@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from kernelscale.gram_store import GramStore, create_gram, gram_fingerprint
+from kernelscale.gram.store import GramStore, create_gram, gram_fingerprint
 
 
 def write_gram(path: str, matrix: np.ndarray, *, tile: int, dtype: str = "float64", symmetric: bool | None = None,

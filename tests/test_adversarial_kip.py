@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from kernelscale import kernels
-from kernelscale import kip as kipmod
-from kernelscale.adversarial_kip import AdversarialTargets
+from kernelscale.kip import step as kipmod
+from kernelscale.kip.adversarial import AdversarialTargets
 from kernelscale.data import open_dataset
 from kernelscale.errors import InputError
-from kernelscale.kip_run import distill
-from kernelscale.kip_sharding import pair_kernel
+from kernelscale.kip.run import distill
+from kernelscale.kip.sharding import pair_kernel
 
 SPEC = "fc:depth=2"
 
@@ -78,8 +78,8 @@ def test_sharded_step_equals_whole_step(setup):
 
 def test_distill_adversarial_resume_is_bitwise(mnist_small, tmp_path, monkeypatch):
     """An adversarial run killed after its step-2 checkpoint and resumed ends bitwise equal to the whole run."""
-    from kernelscale import kip_run
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip import run as kip_run
+    from kernelscale.kip.store import open_distilled
 
     kw = dict(arch=SPEC, ipc=2, target_batch=40, reg=1e-3, steps=4, checkpoint_every=2, progress=False,
               adversarial="linf:0.1", pgd_steps=3, adv_mix=0.75)
@@ -129,7 +129,7 @@ def test_cli_distill_adversarial_flags_checked_before_compute(mnist_small, tmp_p
 
 def test_distill_adversarial_two_ray_workers_match_one(mnist_small, ray_local, tmp_path):
     """The transform travels to Ray shard workers; per-row randomness makes the sharded run equal the local one."""
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip.store import open_distilled
 
     kw = dict(arch=SPEC, ipc=1, target_batch=40, reg=1e-3, steps=2, progress=False, adversarial="l2:1.0",
               pgd_steps=2)

@@ -10,8 +10,8 @@ import zarr
 
 from kernelscale import data as datamod
 from kernelscale.data import ingest, open_dataset
-from kernelscale.kip_data import ChunkPlan, TargetSampler, sampling_mode, spread
-from kernelscale.target_augment import TargetAugment
+from kernelscale.kip.targets import ChunkPlan, TargetSampler, sampling_mode, spread
+from kernelscale.kip.augment import TargetAugment
 
 ROW_BYTES = 8 * 8 * 1 * 4  # one float32 row of the test store
 ROWS_PER_CHUNK = 50
@@ -136,8 +136,8 @@ def test_distill_with_chunk_sampling_resumes_bitwise_and_keeps_its_sampling(stor
     """The store as a kill right after the step-2 checkpoint leaves it, resumed, ends equal to the whole run."""
     import shutil
 
-    from kernelscale import kip_run
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip import run as kip_run
+    from kernelscale.kip.store import open_distilled
     from kernelscale.errors import InputError
 
     kw = dict(arch="fc:depth=2", ipc=1, target_batch=40, steps=4, checkpoint_every=2, seed=2, progress=False,

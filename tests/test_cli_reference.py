@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from kernelscale.cli_reference import render
+from kernelscale.cli.reference import render
 
 
 def test_cli_reference_is_up_to_date():
     doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
-    assert doc.read_text() == render(), "docs/cli.md is stale: run `python -m kernelscale.cli_reference > docs/cli.md`"
+    assert doc.read_text() == render(), "docs/cli.md is stale: run `python -m kernelscale.cli.reference > docs/cli.md`"
 
 
 def test_every_subcommand_is_documented_with_help():

@@ -19,9 +19,9 @@ import pytest
 
 from kernelscale import compute_gram, open_gram, parse_arch
 from kernelscale.cli import main
-from kernelscale.engine import gram_status, verify_gram
+from kernelscale.gram.engine import gram_status, verify_gram
 from kernelscale.errors import KernelscaleError
-from kernelscale.gram_store import GramLock
+from kernelscale.gram.store import GramLock
 
 from fault_helpers import (
     Tmpfs,

@@ -16,7 +16,7 @@ import zarr
 
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
-from kernelscale.distilled_store import open_distilled
+from kernelscale.kip.store import open_distilled
 from kernelscale.kernels import parse_arch
 
 from fault_helpers import sigkill, start_cli, wait_for

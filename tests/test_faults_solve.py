@@ -18,7 +18,7 @@ import zarr
 
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
-from kernelscale.gram_store import open_gram
+from kernelscale.gram.store import open_gram
 from kernelscale.kernels import parse_arch
 
 from fault_helpers import flip_byte, npz_store, sigkill, start_cli, synthetic_images, wait_for

@@ -9,7 +9,7 @@ from kernelscale import kernels
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
 from kernelscale.errors import InputError
-from kernelscale.finite import train_finite, width_errors
+from kernelscale.kernels.finite import train_finite, width_errors
 
 
 def test_empirical_ntk_error_falls_with_width(mnist_small):
@@ -51,7 +51,7 @@ def test_validate_width_cli(mnist_small, tmp_path, capsys):
 
 
 def test_train_finite_cli_on_a_distilled_support(mnist_small, tmp_path, capsys):
-    from kernelscale.kip_run import distill
+    from kernelscale.kip.run import distill
 
     out = str(tmp_path / "d.zarr")
     distill(mnist_small["train"], out=out, arch="fc:depth=2", ipc=3, steps=3, target_batch=60, progress=False)

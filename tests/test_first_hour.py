@@ -162,9 +162,9 @@ def test_status_reports_the_running_drivers_rate_and_eta(tmp_path, rng):
     import time
 
     from kernelscale import compute_gram, open_gram, parse_arch
-    from kernelscale.engine import gram_status
-    from kernelscale.gram_store import GramLock
-    from kernelscale.progress import ProgressWriter
+    from kernelscale.gram.engine import gram_status
+    from kernelscale.gram.store import GramLock
+    from kernelscale.gram.progress import ProgressWriter
 
     data = _npz_store(tmp_path, "d", rng.normal(size=(40, 3)))
     out = str(tmp_path / "g.zarr")
@@ -192,7 +192,7 @@ def test_status_reports_the_running_drivers_rate_and_eta(tmp_path, rng):
 
 def test_default_memory_budget_is_shared_by_the_actual_actors(tmp_path, rng, monkeypatch):
     from kernelscale import compute_gram, parse_arch
-    from kernelscale import engine
+    from kernelscale.gram import engine
 
     data = _npz_store(tmp_path, "d", rng.normal(size=(40, 3)))
     monkeypatch.setattr(engine, "available_memory", lambda: 10_000_000_000)
@@ -233,8 +233,8 @@ class _StopAfter:
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_distill_interrupt_saves_the_last_step_and_says_how_to_continue(mnist_small, tmp_path, monkeypatch, capsys,
                                                                         signum, code, word):
-    from kernelscale import kip_run
-    from kernelscale.distilled_store import open_distilled
+    from kernelscale.kip import run as kip_run
+    from kernelscale.kip.store import open_distilled
 
     out = str(tmp_path / "d.zarr")
     monkeypatch.setattr(kip_run, "tqdm", _StopAfter(7, signum))
@@ -320,7 +320,7 @@ def scored(tmp_path_factory):
     from krr_helpers import pairwise_gram, write_gram
 
     from kernelscale.data import open_dataset
-    from kernelscale.kip_run import distill
+    from kernelscale.kip.run import distill
     from kernelscale.krr import solve
 
     root = tmp_path_factory.mktemp("scored")
@@ -438,7 +438,7 @@ def test_readme_tour_uses_the_best_preprocessing_and_is_timed():
 
 def test_default_tile_never_exceeds_a_small_matrix(tmp_path, rng):
     from kernelscale import compute_gram, parse_arch
-    from kernelscale.engine import default_tile
+    from kernelscale.gram.engine import default_tile
 
     assert [default_tile(n, n, True) for n in (1, 5, 12, 13, 40, 10_000)] == [1, 5, 12, 13, 40, 2000]
     data = _npz_store(tmp_path, "d", rng.normal(size=(12, 3)))

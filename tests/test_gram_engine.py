@@ -16,12 +16,12 @@ import pytest
 from kernelscale import compute_gram, open_gram, parse_arch
 from kernelscale.cli import main
 from kernelscale.data import ingest, open_dataset
-from kernelscale.engine import gram_status, verify_gram
+from kernelscale.gram.engine import gram_status, verify_gram
 from kernelscale.errors import InputError, StoreError
-from kernelscale.gram_store import GramLock
+from kernelscale.gram.store import GramLock
 from kernelscale.kernels import kernel_fn
-from kernelscale.tiles import TilePlan, sub_blocks
-from kernelscale.gram_store import TileGrid
+from kernelscale.gram.plan import TilePlan, sub_blocks
+from kernelscale.gram.store import TileGrid
 
 
 def _npz_store(root: Path, name: str, images: np.ndarray, labels: np.ndarray | None = None) -> str:
@@ -294,7 +294,7 @@ def test_memory_budget_too_small_refused_before_compute(ray_local, tmp_path, rng
 
 
 def test_default_tile_is_balanced_and_bounded():
-    from kernelscale.engine import MAX_TILE, default_sub_block, default_tile
+    from kernelscale.gram.engine import MAX_TILE, default_sub_block, default_tile
 
     assert default_tile(10_000, 10_000, True) == 2000  # 5 bands of 2000, not 4 x 2048 + 1808
     assert default_tile(1_281_167, 1_281_167, True) == MAX_TILE
@@ -311,7 +311,7 @@ def test_default_tile_is_balanced_and_bounded():
 def test_lost_tiles_are_recomputed_from_the_listing(mnist_small, ray_local, tmp_path):
     """A tile whose background write died with its actor is missing from the store: the listing check redoes
     exactly those tiles; a tile that stays missing is an error, never a silent hole."""
-    from kernelscale.engine import _recompute_lost
+    from kernelscale.gram.engine import _recompute_lost
 
     out = str(tmp_path / "g.zarr")
     spec = parse_arch("fc:depth=2", "nngp")

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernelscale import kip as kipmod
+from kernelscale.kip import step as kipmod
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
-from kernelscale.distilled_store import open_distilled
+from kernelscale.kip.store import open_distilled
 from kernelscale.kernels import parse_arch
-from kernelscale.kip_data import TargetSampler, init_random
-from kernelscale.kip_run import distill, evaluate
-from kernelscale.kip_sharding import LocalPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
+from kernelscale.kip.targets import TargetSampler, init_random
+from kernelscale.kip.run import distill, evaluate
+from kernelscale.kip.sharding import LocalPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 
 
 def _problem(rng: np.random.Generator, n_s: int = 12, n_t: int = 40, d: int = 6, c: int = 3):
@@ -190,7 +190,7 @@ def _run(args: list[str], capsys) -> tuple[int, dict]:
 def test_cli_distill_evaluate_and_resume_is_exact(mnist_small, tmp_path, capsys, monkeypatch):
     """A run killed after its step-3 checkpoint and rerun with --resume (default cosine schedule, separate label
     lr, translated and flipped targets) ends bitwise equal to the uninterrupted run."""
-    from kernelscale import kip_run
+    from kernelscale.kip import run as kip_run
 
     common = [mnist_small["train"], "--arch", "fc:depth=2", "--ipc", "2", "--target-batch", "40", "--lr", "0.02",
               "--label-lr", "0.05", "--learn-labels", "--checkpoint-every", "3", "--seed", "5", "--steps", "6",
@@ -232,7 +232,7 @@ def test_interrupted_checkpoint_leaves_previous_intact(mnist_small, tmp_path, mo
     out = str(tmp_path / "d.zarr")
     kw = dict(arch="fc:depth=2", ipc=1, target_batch=20, checkpoint_every=2, progress=False)
     distill(mnist_small["train"], out=out, steps=2, **kw)
-    from kernelscale import distilled_store
+    from kernelscale.kip import store as distilled_store
 
     real = distilled_store.DistilledStore._write_history
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernelscale import kip as kipmod
+from kernelscale.kip import step as kipmod
 from kernelscale.data import open_dataset
-from kernelscale.distilled_store import open_distilled
+from kernelscale.kip.store import open_distilled
 from kernelscale.kernels import parse_arch
-from kernelscale.kip_data import TargetSampler, init_random
-from kernelscale.kip_run import distill
-from kernelscale.kip_sharding import RayPool, pair_kernel, sharded_sums, tiled_sums
+from kernelscale.kip.targets import TargetSampler, init_random
+from kernelscale.kip.run import distill
+from kernelscale.kip.sharding import RayPool, pair_kernel, sharded_sums, tiled_sums
 
 
 def test_ray_sharded_and_tiled_steps_equal_single_process(mnist_small, ray_local):
@@ -68,9 +68,9 @@ def test_distill_with_two_workers_matches_one(mnist_small, ray_local, tmp_path):
 def test_gram_init_floor_and_ceiling_from_a_computed_gram(mnist_small, ray_local, tmp_path):
     """`--init gram` over a Gram from the engine: class-balanced pivots that span each class better than random
     rows; the label-solve floor and full-KRR ceiling match a dense numpy computation."""
-    from kernelscale.engine import compute_gram
-    from kernelscale.gram_store import open_gram
-    from kernelscale.kip_data import init_gram
+    from kernelscale.gram.engine import compute_gram
+    from kernelscale.gram.store import open_gram
+    from kernelscale.kip.targets import init_gram
 
     spec = parse_arch("fc:depth=2", "ntk")
     gpath = str(tmp_path / "g.zarr")

@@ -10,7 +10,7 @@ import pytest
 
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
-from kernelscale.gram_store import open_gram
+from kernelscale.gram.store import open_gram
 from kernelscale.kernels import parse_arch
 from kernelscale.krr import nested_order
 from kernelscale.storage import delete_chunk

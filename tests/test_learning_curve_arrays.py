@@ -34,7 +34,7 @@ def test_curve_arrays_equals_a_direct_float64_solve_at_every_size():
 
 def test_accelerator_step_is_a_power_of_two_within_an_eighth_of_device_memory(monkeypatch):
     from kernelscale.kernels import parse_arch
-    from kernelscale.native import _api
+    from kernelscale.kernels.native import _api
 
     spec = parse_arch("convnet:depth=3", "ntk")
     cpu_step = _api.pairs_per_step(spec, (32, 32, 3))

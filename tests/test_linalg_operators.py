@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from kernelscale.errors import StoreError
-from kernelscale.gram_store import open_gram
-from kernelscale.linalg import DenseOperator, RayGramOperator, ZarrGramOperator
+from kernelscale.gram.store import open_gram
+from kernelscale.gram.operators import RayGramOperator, ZarrGramOperator
+from kernelscale.linalg import DenseOperator
 from kernelscale.storage import delete_chunk
 from krr_helpers import spd_matrix, write_gram
 

@@ -202,7 +202,7 @@ def test_kip_shards_run_on_several_nodes(cluster, rows, tmp_path):
 
 
 def test_every_node_computes_tiles_and_node_loss_is_survived(cluster, rows, tmp_path):
-    from kernelscale.gram_store import open_gram
+    from kernelscale.gram.store import open_gram
 
     undisturbed = str(tmp_path / "gram_a.zarr")
     first = _summary(_kernelscale(cluster, *_gram_args(rows, undisturbed)))

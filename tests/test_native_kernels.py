@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernelscale import kernels, native
+from kernelscale import kernels
+from kernelscale.kernels import native
 
 TOL = 1e-5  # of max|K|
 
@@ -146,7 +147,7 @@ def test_gradients_equal_float64_neural_tangents(arch, shape, get):
     ("myrtle:depth=7", (32, 32, 1), "nngp"),
 ])
 def test_compiled_cpu_path_equals_jax_path(arch, shape, kernel):
-    from kernelscale.native._api import CpuGram
+    from kernelscale.kernels.native._api import CpuGram
 
     spec = kernels.parse_arch(arch, kernel)
     rng = np.random.default_rng(5)
@@ -173,8 +174,8 @@ def test_symmetric_call_equals_block_call_off_the_diagonal():
 
 
 def test_band_layout_keeps_only_the_offsets_flatten_needs():
-    from kernelscale.native._conv import ConvNet
-    from kernelscale.native._layouts import BandLayout, FullLayout
+    from kernelscale.kernels.native._conv import ConvNet
+    from kernelscale.kernels.native._layouts import BandLayout, FullLayout
 
     lay = ConvNet.convnet(3, 1.4, 0.05, 32, 32).layout()
     assert isinstance(lay, BandLayout) and (lay.dy, lay.dx) == (7, 7)  # 2**3 - 1 after three pools

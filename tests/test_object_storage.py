@@ -31,7 +31,7 @@ def _no_secret(*texts: str) -> None:
 def test_gram_solve_eval_on_s3_match_local(s3_bucket, mnist_small, ray_local, tmp_path, caplog, capsys):
     """Data, Gram, cross Gram and model all on s3://: same numbers as the local run, resume computes nothing."""
     from kernelscale import compute_gram, parse_arch
-    from kernelscale.gram_store import open_gram
+    from kernelscale.gram.store import open_gram
     from kernelscale.krr import evaluate, solve
 
     caplog.set_level(logging.DEBUG)
@@ -106,8 +106,8 @@ def test_cli_gram_resume_on_s3_prints_no_secret(s3_bucket, mnist_small, tmp_path
 
 
 def test_distill_and_evaluate_on_s3(s3_bucket, mnist_small, caplog):
-    from kernelscale.distilled_store import open_distilled
-    from kernelscale.kip_run import distill, evaluate
+    from kernelscale.kip.store import open_distilled
+    from kernelscale.kip.run import distill, evaluate
 
     caplog.set_level(logging.DEBUG)
     out = f"{s3_bucket}/kip/distilled.zarr"

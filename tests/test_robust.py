@@ -6,7 +6,7 @@ import pytest
 from kernelscale import kernels
 from kernelscale.data import open_dataset
 from kernelscale.errors import InputError
-from kernelscale.robust import Attack, pgd, robust_accuracy
+from kernelscale.attack.kernel_pgd import Attack, pgd, robust_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,9 @@ def test_perturbation_stays_in_ball_and_pixel_range(predictor):
 def _support_recipe(mnist_small, n=40):
     import jax.numpy as jnp
 
-    from kernelscale.kip import krr_weights
-    from kernelscale.kip_sharding import pair_kernel
-    from kernelscale.robust_run import PredictorRecipe
+    from kernelscale.kip.step import krr_weights
+    from kernelscale.kip.sharding import pair_kernel
+    from kernelscale.robust.run import PredictorRecipe
 
     train = open_dataset(mnist_small["train"])
     spec = kernels.parse_arch("fc:depth=2")
@@ -84,7 +84,7 @@ def test_chunked_predictor_equals_direct_and_pgd_agrees(mnist_small):
     import jax
     import jax.numpy as jnp
 
-    from kernelscale.robust import KernelPredictor, margin
+    from kernelscale.attack.kernel_pgd import KernelPredictor, margin
 
     recipe = _support_recipe(mnist_small)  # 40 rows in chunks of 16: the last chunk is padded
     chunked = recipe.build()
@@ -110,7 +110,7 @@ def test_chunked_predictor_equals_direct_and_pgd_agrees(mnist_small):
 
 
 def test_batch_aligned_slices_reproduce_the_whole_run(mnist_small):
-    from kernelscale.robust_run import _attack_slice, slices
+    from kernelscale.robust.run import _attack_slice, slices
 
     recipe = _support_recipe(mnist_small)
     attack = Attack("linf", 0.1, steps=4)
@@ -123,7 +123,7 @@ def test_batch_aligned_slices_reproduce_the_whole_run(mnist_small):
 
 
 def test_distributed_attack_equals_local(mnist_small, ray_local):
-    from kernelscale.robust_run import run_attack
+    from kernelscale.robust.run import run_attack
 
     recipe = _support_recipe(mnist_small)
     attack = Attack("l2", 0.5, steps=4)
@@ -135,7 +135,7 @@ def test_distributed_attack_equals_local(mnist_small, ray_local):
 
 @pytest.fixture(scope="module")
 def distilled_small(mnist_small, tmp_path_factory):
-    from kernelscale.kip_run import distill
+    from kernelscale.kip.run import distill
 
     out = str(tmp_path_factory.mktemp("robust") / "d.zarr")
     distill(mnist_small["train"], out=out, arch="fc:depth=2", ipc=3, steps=3, target_batch=60, progress=False)
@@ -163,7 +163,7 @@ def test_attack_full_data_model(mnist_small, tmp_path, capsys):
     import json
 
     from kernelscale.cli import main
-    from kernelscale.engine import compute_gram
+    from kernelscale.gram.engine import compute_gram
     from kernelscale.krr import solve
 
     spec = kernels.parse_arch("fc:depth=2")

@@ -14,7 +14,7 @@ import zarr
 from kernelscale.cli import main
 from kernelscale.data import ingest, open_dataset
 from kernelscale.errors import InputError, StoreError
-from kernelscale.kip_data import TargetSampler
+from kernelscale.kip.targets import TargetSampler
 
 
 def _npz(tmp_path: Path, n: int = 90, shape: tuple[int, int, int] = (8, 8, 3), float_pixels: bool = False) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernelscale.errors import InputError
-from kernelscale.target_augment import TargetAugment
+from kernelscale.kip.augment import TargetAugment
 
 
 def test_auto_translates_images_only():
@@ -65,7 +65,7 @@ def test_draw_is_a_function_of_seed_and_step():
 
 def test_sampler_shards_see_the_rows_of_the_whole_augmented_batch(mnist_small):
     from kernelscale.data import open_dataset
-    from kernelscale.kip_data import TargetSampler
+    from kernelscale.kip.targets import TargetSampler
 
     data = open_dataset(mnist_small["train"])
     aug = TargetAugment(shift=2, flip=True)
@@ -93,7 +93,7 @@ def test_pad_is_numpys_reflect_pad(shift):
 def test_in_memory_and_row_read_samplers_agree(mnist_small):
     """The padded in-memory path and the read-by-rows path (DATA larger than the memory limit) give one batch."""
     from kernelscale.data import open_dataset
-    from kernelscale.kip_data import TargetSampler
+    from kernelscale.kip.targets import TargetSampler
 
     data = open_dataset(mnist_small["train"])
     aug = TargetAugment(shift=2, flip=True)

@@ -21,7 +21,7 @@ import zarr
 from kernelscale import compute_gram, kernels, parse_arch
 from kernelscale.cli import main
 from kernelscale.data import open_dataset
-from kernelscale.distilled_store import create_distilled
+from kernelscale.kip.store import create_distilled
 from kernelscale.errors import InputError, KernelscaleError, StoreError
 from kernelscale.runtime import check_remote_auth
 
@@ -465,7 +465,7 @@ def test_a_store_reached_through_a_link_at_its_root_resumes_but_is_never_deleted
 def test_two_first_runs_on_one_out_give_one_store_and_one_clear_refusal(small, capsys, ray_local):
     """Deterministic interleavings of two first runs (ntk, nngp): the second driver is refused whether it comes
     while the first holds the lock (after creating the empty group) or after the first finished."""
-    from kernelscale.engine import _claim_store
+    from kernelscale.gram.engine import _claim_store
 
     out = str(small["root"] / "g.zarr")
     first = _claim_store(out, overwrite=False)  # the first run has taken the lock, nothing created yet
@@ -500,7 +500,7 @@ def test_two_concurrent_first_runs_end_with_one_store_and_one_clear_refusal(smal
                                           "created there meanwhile")), message
     assert "Traceback" not in loser_err
     assert zarr.open_group(out, mode="r").attrs["spec"]["kernel"] == winner
-    from kernelscale.engine import verify_gram
+    from kernelscale.gram.engine import verify_gram
 
     assert verify_gram(out, progress=False)["ok"]
 

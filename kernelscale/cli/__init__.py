@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from ..errors import InputError, KernelscaleError, cli_words
+from kernelscale.errors import InputError, KernelscaleError, cli_words
 
 log = logging.getLogger("kernelscale")
 
@@ -212,7 +212,7 @@ def _as_kernelscale_error(exc: BaseException) -> KernelscaleError:
         exc = cause
     if isinstance(exc, KernelscaleError):
         return exc
-    from ..storage import disk_full_error, is_disk_full  # noqa: PLC0415
+    from kernelscale.storage import disk_full_error, is_disk_full  # noqa: PLC0415
 
     if is_disk_full(exc):
         path = getattr(exc, "filename", None) or "."

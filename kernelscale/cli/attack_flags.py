@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..robust import Attack
+from kernelscale.attack.kernel_pgd import Attack
 
 
 def add_attack_flags(p: argparse.ArgumentParser) -> None:

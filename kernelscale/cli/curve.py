@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..krr import REG_SCALES, curve
+from kernelscale.krr import REG_SCALES, curve
 
 
 def register(p: argparse.ArgumentParser) -> None:

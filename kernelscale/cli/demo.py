@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..demo import DemoOptions, run_demo
+from kernelscale.cli.demo_pipeline import DemoOptions, run_demo
 
 
 def register(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ Adam lr 0.01 (labels too) with a cosine decay to 0 over --steps, target images r
 to 1/16 of the image side, 2 pixels at 32x32 (--target-augment auto).
 A non-finite loss stops the run with exit code 3 and keeps the last good checkpoint.
 --adversarial linf:EPS|l2:EPS (adversarial KIP) replaces each target batch (or a fraction --adv-mix of its rows)
-by PGD examples against the current support (--pgd-steps steps in pixel space), see kernelscale.adversarial_kip.
+by PGD examples against the current support (--pgd-steps steps in pixel space), see kernelscale.kip.adversarial.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..kip_run import distill
+from kernelscale.kip.run import distill
 
 
 def register(p: argparse.ArgumentParser) -> None:

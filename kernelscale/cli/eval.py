@@ -6,6 +6,6 @@ without it; see `kernelscale evaluate --help`.
 
 from __future__ import annotations
 
-from .evaluate import register, run
+from kernelscale.cli.evaluate import register, run
 
 __all__ = ["register", "run"]

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import storage
-from ..errors import InputError
-from ..kip_run import evaluate as evaluate_support
-from ..krr import evaluate as evaluate_model
-from ..robust_run import attack_distilled, attack_model
-from .attack_flags import add_attack_flags, attack_from_args, attack_kwargs
+from kernelscale import storage
+from kernelscale.errors import InputError
+from kernelscale.kip.run import evaluate as evaluate_support
+from kernelscale.krr import evaluate as evaluate_model
+from kernelscale.robust.run import attack_distilled, attack_model
+from kernelscale.cli.attack_flags import add_attack_flags, attack_from_args, attack_kwargs
 
 
 def register(p: argparse.ArgumentParser) -> None:

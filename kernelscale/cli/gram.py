@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..engine import compute_gram
-from ..kernels import parse_arch
+from kernelscale.gram.engine import compute_gram
+from kernelscale.kernels import parse_arch
 
 
 def register(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..data import ingest
+from kernelscale.data import ingest
 
 
 def register(p: argparse.ArgumentParser) -> None:

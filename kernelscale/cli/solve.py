@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..krr import OPERATORS, REG_SCALES, SOLVERS, solve
-from ..linalg.preconditioners import LANDMARKS, RESIDUALS
+from kernelscale.krr import OPERATORS, REG_SCALES, SOLVERS, solve
+from kernelscale.linalg.preconditioners import LANDMARKS, RESIDUALS
 
 
 def register(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..engine import gram_status
+from kernelscale.gram.engine import gram_status
 
 
 def register(p: argparse.ArgumentParser) -> None:

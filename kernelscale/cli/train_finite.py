@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..finite import train_finite
-from ..kip_run import evaluate as kernel_evaluate
-from ..kip_run import open_support
+from kernelscale.errors import InputError
+from kernelscale.kernels.finite import train_finite
+from kernelscale.kip.run import evaluate as kernel_evaluate
+from kernelscale.kip.run import open_support
 
 
 def register(p: argparse.ArgumentParser) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import balanced_subset, open_dataset
-from ..errors import InputError
-from ..finite import width_errors
-from ..kernels import parse_arch
+from kernelscale.data import balanced_subset, open_dataset
+from kernelscale.errors import InputError
+from kernelscale.kernels.finite import width_errors
+from kernelscale.kernels import parse_arch
 
 
 def register(p: argparse.ArgumentParser) -> None:

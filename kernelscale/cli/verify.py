@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..engine import verify_gram
+from kernelscale.gram.engine import verify_gram
 
 
 def register(p: argparse.ArgumentParser) -> None:

@@ -1,12 +1,13 @@
-"""Linear algebra over kernel matrices: operators (memory, Zarr, Ray), block PCG, preconditioners, Cholesky.
+"""Linear algebra over kernel matrices: operators, block PCG, preconditioners, Cholesky.
 
-Knows nothing about neural networks: it sees matrices, Gram stores and right-hand sides.
+Knows nothing about neural networks or stores: it sees operators and right-hand sides. The store-backed
+operators are in ``kernelscale.gram.operators``.
 """
 
-from .cg import CGOptions, CGState, Solution, cg
-from .cholesky import cholesky_solve
-from .operators import DenseOperator, LinearOperator, RayGramOperator, ShiftedOperator, ZarrGramOperator
-from .preconditioners import (
+from kernelscale.linalg.cg import CGOptions, CGState, CheckpointWriteError, Solution, cg
+from kernelscale.linalg.cholesky import cholesky_solve
+from kernelscale.linalg.operators import DenseOperator, LinearOperator, ShiftedOperator
+from kernelscale.linalg.preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
     Preconditioner,
@@ -17,7 +18,7 @@ from .preconditioners import (
 )
 
 __all__ = [
-    "CGOptions", "CGState", "Solution", "cg", "cholesky_solve", "DenseOperator", "LinearOperator",
-    "RayGramOperator", "ShiftedOperator", "ZarrGramOperator", "JacobiPreconditioner", "NystromPreconditioner",
+    "CGOptions", "CGState", "CheckpointWriteError", "Solution", "cg", "cholesky_solve", "DenseOperator", "LinearOperator",
+    "ShiftedOperator", "JacobiPreconditioner", "NystromPreconditioner",
     "Preconditioner", "PreconditionerSpec", "build_preconditioner", "nystrom_uniform", "rpcholesky",
 ]

@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError
-from .operators import LinearOperator
-from .preconditioners import Preconditioner
+from kernelscale.errors import InputError
+from kernelscale.linalg.operators import LinearOperator
+from kernelscale.linalg.preconditioners import Preconditioner
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,14 @@ class Solution:
                 "seconds": round(self.seconds, 3), "message": self.message, "products": self.products}
 
 
+class CheckpointWriteError(OSError):
+    """A solver checkpoint could not be written (the OSError is its ``__cause__``); the previous one is kept."""
+
+    def __init__(self, path: str, iteration: int) -> None:
+        super().__init__(f"{path}: writing the solver checkpoint at iteration {iteration} failed")
+        self.path, self.iteration = path, iteration
+
+
 @dataclass
 class CGState:
     """Everything the recurrences need to continue; saved to / loaded from a checkpoint."""
@@ -116,12 +124,7 @@ class CGState:
         except OSError as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)  # our own partial file: a rerun must not meet it
-            from ..storage import disk_full_error, is_disk_full  # noqa: PLC0415
-
-            if is_disk_full(exc):
-                raise disk_full_error(path, f"writing the solver checkpoint at iteration {self.iteration} (the "
-                                            "previous checkpoint is kept)") from None
-            raise
+            raise CheckpointWriteError(path, self.iteration) from exc
 
     @classmethod
     def load(cls, path: str) -> "CGState":

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import scipy.linalg
 
-from .cg import Solution
+from kernelscale.linalg.cg import Solution
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..errors import InputError
-from .operators import LinearOperator
+from kernelscale.errors import InputError
+from kernelscale.linalg.operators import LinearOperator
 
 log = logging.getLogger(__name__)
 

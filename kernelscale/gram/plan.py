@@ -14,7 +14,7 @@ import math
 from collections import deque
 from typing import Iterable
 
-from .gram_store import TileGrid
+from kernelscale.gram.store import TileGrid
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import DatasetStore
-from .errors import InputError, StoreError
-from .gram_store import GramStore
-from .target_augment import TargetAugment
+from kernelscale.data import DatasetStore
+from kernelscale.errors import InputError, StoreError
+from kernelscale.gram.store import GramStore
+from kernelscale.kip.augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def init_random(data: DatasetStore, ipc: int, seed: int) -> np.ndarray:
 
 def check_gram(gram: GramStore, data: DatasetStore, spec_canonical: str) -> None:
     """A Gram used for KIP must be the symmetric Gram of DATA itself, with the same kernel spec."""
-    from .kernels import KernelSpec  # noqa: PLC0415
+    from kernelscale.kernels import KernelSpec  # noqa: PLC0415
 
     if not gram.symmetric or gram.shape != (data.n, data.n):
         raise StoreError(
@@ -373,7 +373,7 @@ def label_solve(data: DatasetStore, gram: GramStore, support_rows: np.ndarray, r
     Reads K(DATA, support) from the stored Gram. Returns ``labels`` (n_s, C) float32 and the fitted train
     predictions ``train_pred`` (N, C).
     """
-    from .kip import solve_labels  # noqa: PLC0415
+    from kernelscale.kip.step import solve_labels  # noqa: PLC0415
 
     k_ts = read_columns(gram, support_rows)
     k_ss = k_ts[support_rows]

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import storage
-from .data import available_memory
-from .errors import StoreError
+from kernelscale import storage
+from kernelscale.data import available_memory
+from kernelscale.errors import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ Flow (driver):
 1. check inputs and the memory budget, open the dataset store(s), compute the fingerprint;
 2. create the Gram store (metadata only) or, if it exists, refuse a different fingerprint before any
    compute (``overwrite`` replaces it);
-3. take the driver lock (:class:`~kernelscale.gram_store.GramLock`), list the tiles already present
-   (one store listing) and plan the rest (:class:`~kernelscale.tiles.TilePlan`);
+3. take the driver lock (:class:`~kernelscale.gram.store.GramLock`), list the tiles already present
+   (one store listing) and plan the rest (:class:`~kernelscale.gram.plan.TilePlan`);
 4. start one actor per worker slot and feed them tiles with ``ray.wait`` (two in flight per actor);
 5. record the run's timing in the store's attributes and return a small summary.
 
@@ -31,13 +31,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import kernels, storage
-from .data import DatasetStore, open_dataset
-from .errors import InputError, KernelscaleError, StoreError
-from .gram_store import (LOCK_GROUP, GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram,
+from kernelscale import kernels, storage
+from kernelscale.data import DatasetStore, open_dataset
+from kernelscale.errors import InputError, KernelscaleError, StoreError
+from kernelscale.gram.store import (LOCK_GROUP, GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram,
                          reset_gram)
-from .progress import ProgressWriter, live_rate, read_progress
-from .tiles import TilePlan, sub_block_size, sub_blocks, tile_entries
+from kernelscale.gram.progress import ProgressWriter, live_rate, read_progress
+from kernelscale.gram.plan import TilePlan, sub_block_size, sub_blocks, tile_entries
 
 log = logging.getLogger(__name__)
 
@@ -567,8 +567,8 @@ def check_kernel_output(spec_json: dict[str, Any], kernel_callable: Any, input_s
 
 
 def _native_spec(config: dict[str, Any], kernel_callable: Any) -> kernels.KernelSpec | None:
-    """The run's spec when kernelscale has its own kernel for it (:mod:`kernelscale.native`), else None."""
-    from . import native  # noqa: PLC0415
+    """The run's spec when kernelscale has its own kernel for it (:mod:`kernelscale.kernels.native`), else None."""
+    from kernelscale.kernels import native  # noqa: PLC0415
 
     if kernel_callable is not None or config["spec"].get("arch") in ("callable", "code"):
         return None
@@ -648,7 +648,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
     import ray  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from . import runtime  # noqa: PLC0415
+    from kernelscale import runtime  # noqa: PLC0415
 
     ray_info = runtime.ensure_ray(address)
     gpus_now = ray.cluster_resources().get("GPU", 0)

@@ -1,6 +1,6 @@
 """Adversarial KIP: the KIP target batch replaced (or partly replaced) by PGD examples against the support.
 
-Before each KIP step, :class:`AdversarialTargets` (a :data:`kernelscale.kip.TargetTransform`) maps the
+Before each KIP step, :class:`AdversarialTargets` (a :data:`kernelscale.kip.step.TargetTransform`) maps the
 preprocessed target rows back to pixels (the dataset's affine map, inverted exactly), runs PGD in pixel space
 against the current support predictor ``K(x, X_s) (K_ss + lam I)^-1 y_s`` and maps the result forward again;
 the labels stay those of the clean rows. The support therefore learns to predict the labels of perturbed
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import AffineMap
-from .errors import InputError
-from .kernels import KernelSpec
-from .robust import Attack, pgd_traceable, row_keys
+from kernelscale.data import AffineMap
+from kernelscale.errors import InputError
+from kernelscale.kernels import KernelSpec
+from kernelscale.attack.kernel_pgd import Attack, pgd_traceable, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class AdversarialTargets:
         import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
 
-        from .kip import krr_weights  # noqa: PLC0415
-        from .kip_sharding import pair_kernel  # noqa: PLC0415
+        from kernelscale.kip.step import krr_weights  # noqa: PLC0415
+        from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
 
         kernel = pair_kernel(KernelSpec.from_json(self.spec))
         x_s, y_s = jax.lax.stop_gradient(state.x), jax.lax.stop_gradient(state.y)

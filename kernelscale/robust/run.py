@@ -1,6 +1,6 @@
 """Robust accuracy of a distilled support set or a solved full-data model (``evaluate``/``eval --attack``).
 
-The predictor is rebuilt from its stores as a :class:`~kernelscale.robust.KernelPredictor` (support: weights
+The predictor is rebuilt from its stores as a :class:`~kernelscale.attack.kernel_pgd.KernelPredictor` (support: weights
 ``(K_ss + lam I)^-1 y_s``; model: the stored alpha against all N training rows, in chunks), the test rows are
 mapped back to pixels (the test store's affine map, exact for affine preprocessing) and attacked with PGD.
 With ``workers > 1`` the rows are cut into batch-aligned slices, one Ray task per slice; each task reads its
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
-from .data import DatasetStore, open_dataset
-from .errors import InputError, StoreError
-from .kernels import load_spec
-from .robust import Attack, KernelPredictor, attack_rows
+from kernelscale import storage
+from kernelscale.data import DatasetStore, open_dataset
+from kernelscale.errors import InputError, StoreError
+from kernelscale.kernels import load_spec
+from kernelscale.attack.kernel_pgd import Attack, KernelPredictor, attack_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class PredictorRecipe:
     allow_code: bool = False  # the command's --allow-code: user code re-checked by hash in every process
 
     def build(self) -> KernelPredictor:
-        from .kip_sharding import pair_kernel  # noqa: PLC0415
+        from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
 
         spec = load_spec(self.spec, allow_code=self.allow_code, where="the predictor's kernel spec")
         x = self.x_train
@@ -77,7 +77,7 @@ def run_attack(recipe: PredictorRecipe, test_path: str, n: int, attack: Attack, 
         return _attack_slice(recipe, test_path, 0, n, attack, seed, batch)
     import ray  # noqa: PLC0415
 
-    from .runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
+    from kernelscale.runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
 
     info = ensure_ray()
     try:
@@ -111,9 +111,9 @@ def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | 
     """PGD robust accuracy of kernel regression from a distilled support set on TEST's first ``limit`` rows."""
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from .kip import krr_weights  # noqa: PLC0415
-    from .kip_run import open_support  # noqa: PLC0415
-    from .kip_sharding import pair_kernel  # noqa: PLC0415
+    from kernelscale.kip.step import krr_weights  # noqa: PLC0415
+    from kernelscale.kip.run import open_support  # noqa: PLC0415
+    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
 
     _check_options(limit, batch, workers, 1)
     attrs, test_store, spec, x_s, y_s = open_support(distilled, test, allow_code)
@@ -131,7 +131,7 @@ def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | 
 def model_training_data(attrs: dict[str, Any], data: str | None) -> DatasetStore:
     """The training dataset of a model: ``data`` if given, else the data path its Gram store recorded."""
     if data is None:
-        from .gram_store import open_gram  # noqa: PLC0415
+        from kernelscale.gram.store import open_gram  # noqa: PLC0415
 
         gram_path = attrs.get("gram_path")
         try:
@@ -154,7 +154,7 @@ def attack_model(model: str, test: str, attack: Attack, *, data: str | None = No
 
     The gradient goes through the analytic kernel against all N training rows, ``chunk`` rows at a time.
     """
-    from .krr import open_model  # noqa: PLC0415
+    from kernelscale.krr import open_model  # noqa: PLC0415
 
     _check_options(limit, batch, workers, chunk)
     attrs, alpha = open_model(model)
@@ -190,10 +190,11 @@ def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Atta
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .gram_store import open_gram  # noqa: PLC0415
-    from .kip_sharding import pair_kernel  # noqa: PLC0415
-    from .krr import check_gram_for_data, check_reg, effective_reg, nested_order, parse_sizes  # noqa: PLC0415
-    from .linalg import ZarrGramOperator, cholesky_solve  # noqa: PLC0415
+    from kernelscale.gram.store import open_gram  # noqa: PLC0415
+    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
+    from kernelscale.krr import check_gram_for_data, check_reg, effective_reg, nested_order, parse_sizes  # noqa: PLC0415
+    from kernelscale.gram.operators import ZarrGramOperator  # noqa: PLC0415
+    from kernelscale.linalg import cholesky_solve  # noqa: PLC0415
 
     check_reg(reg, reg_scale)
     ds, ts = open_dataset(data), open_dataset(test)

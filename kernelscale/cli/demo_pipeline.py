@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import storage
-from .data import ingest, open_dataset
+from kernelscale import storage
+from kernelscale.data import ingest, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,12 @@ def _plot(path: str, draw: Callable[[Any], None], size: tuple[float, float] = (5
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the report (also written to OUT/report.json)."""
-    from . import krr  # noqa: PLC0415
-    from .engine import compute_gram  # noqa: PLC0415
-    from .kernels import parse_arch  # noqa: PLC0415
-    from .kip_run import distill  # noqa: PLC0415
-    from .kip_run import evaluate as evaluate_support  # noqa: PLC0415
-    from .runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
+    from kernelscale import krr  # noqa: PLC0415
+    from kernelscale.gram.engine import compute_gram  # noqa: PLC0415
+    from kernelscale.kernels import parse_arch  # noqa: PLC0415
+    from kernelscale.kip.run import distill  # noqa: PLC0415
+    from kernelscale.kip.run import evaluate as evaluate_support  # noqa: PLC0415
+    from kernelscale.runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
 
     t0 = time.perf_counter()
     out = os.path.abspath(opts.out)  # every path in the report is absolute
@@ -169,8 +169,8 @@ def report_history(out: str) -> np.ndarray:
 
 def _robustness(distilled: str, val: Any, opts: DemoOptions) -> dict[str, Any]:
     """Clean / PGD / random-noise accuracy of the distilled support's kernel predictor on val rows."""
-    from .robust import Attack  # noqa: PLC0415
-    from .robust_run import attack_distilled  # noqa: PLC0415
+    from kernelscale.attack.kernel_pgd import Attack  # noqa: PLC0415
+    from kernelscale.robust.run import attack_distilled  # noqa: PLC0415
 
     attack = Attack.parse(opts.attack, steps=opts.pgd_steps)
     return attack_distilled(distilled, val.path, attack, limit=min(opts.attack_rows, val.n))

@@ -24,19 +24,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import storage
-from .data import DatasetStore, available_memory, open_dataset
-from .errors import InputError, NotConvergedError, StoreError
-from .labels import one_hot
-from .gram_store import GramStore, open_gram
-from .linalg import (
+from kernelscale import storage
+from kernelscale.data import DatasetStore, available_memory, open_dataset
+from kernelscale.errors import InputError, NotConvergedError, StoreError
+from kernelscale.data.labels import one_hot
+from kernelscale.gram.operators import RayGramOperator, ZarrGramOperator
+from kernelscale.gram.store import GramStore, open_gram
+from kernelscale.linalg import (
     CGOptions,
+    CheckpointWriteError,
     DenseOperator,
     LinearOperator,
     PreconditionerSpec,
-    RayGramOperator,
     Solution,
-    ZarrGramOperator,
     build_preconditioner,
     cg,
     cholesky_solve,
@@ -224,6 +224,11 @@ def solve(
             try:
                 sol = cg(op.shift(reg_eff), y, pre, options, callback=_cb,
                          resume_from=checkpoint if resume else None, problem_id=problem_id)
+            except CheckpointWriteError as exc:
+                if storage.is_disk_full(exc):
+                    raise storage.disk_full_error(exc.path, f"writing the solver checkpoint at iteration "
+                                                            f"{exc.iteration} (the previous checkpoint is kept)") from None
+                raise
             finally:
                 bar.close()
         finally:
@@ -300,7 +305,7 @@ def open_model(path: str) -> tuple[dict[str, Any], np.ndarray]:
         raise StoreError(f"{path}: no model store there (create one with `kernelscale solve ... --out {path}`)")
     if storage.store_kind(path) == "distilled":
         raise StoreError(f"{path} is a distilled support set, not a model: score it without a cross Gram, "
-                         f"`kernelscale evaluate {path} --test TEST.zarr` (in Python: kernelscale.kip_run.evaluate)")
+                         f"`kernelscale evaluate {path} --test TEST.zarr` (in Python: kernelscale.kip.run.evaluate)")
     group = storage.open_group(path, "r")
     attrs = dict(group.attrs)
     if attrs.get("kernelscale") != "model":

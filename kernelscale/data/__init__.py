@@ -35,9 +35,9 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from . import storage
-from .errors import InputError, StoreError
-from .labels import one_hot
+from kernelscale import storage
+from kernelscale.errors import InputError, StoreError
+from kernelscale.data.labels import one_hot
 
 log = logging.getLogger(__name__)
 

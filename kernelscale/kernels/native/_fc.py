@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ._arccos import ACTIVATIONS
+from kernelscale.kernels.native._arccos import ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Compiled CPU path (numba) for forward Gram blocks of the convolutional kernels.
 
-The same recursion as :mod:`kernelscale.native._conv` in :class:`~._layouts.BandLayout` form, fused per
+The same recursion as :mod:`kernelscale.kernels.native._conv` in :class:`~._layouts.BandLayout` form, fused per
 offset: a SAME convolution and an elementwise activation keep each covariance entry's spatial offset
 ``(dy, dx)``, so everything between two pools is computed on one offset's ``H x W`` slab at a time, in the
 L1 cache, and the slab is then pooled straight into the next stage's band. A network ending in global pooling

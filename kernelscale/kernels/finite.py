@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .kernels import KernelSpec, empirical_ntk_fn, kernel_fn, network
+from kernelscale.errors import InputError
+from kernelscale.kernels import KernelSpec, empirical_ntk_fn, kernel_fn, network
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._arccos import relu
-from ._layouts import BandLayout, FullLayout
+from kernelscale.kernels.native._arccos import relu
+from kernelscale.kernels.native._layouts import BandLayout, FullLayout
 
 MYRTLE_LAYERS = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
 

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from . import storage
-from .errors import StoreError
+from kernelscale import storage
+from kernelscale.errors import StoreError
 
 log = logging.getLogger(__name__)
 

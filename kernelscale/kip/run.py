@@ -17,16 +17,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import kip as kipmod
-from . import storage
-from .data import DatasetStore, open_dataset
-from .distilled_store import DistilledStore, create_distilled, empty_history, open_distilled
-from .errors import InputError, NotConvergedError, StoreError
-from .kernels import KernelSpec, check_input_shape, load_spec, parse_arch
-from .kip_data import (DEFAULT_MEMORY_LIMIT, SAMPLING_MODES, TargetSampler, check_gram, check_ipc, init_gram,
+from kernelscale.kip import step as kipmod
+from kernelscale import storage
+from kernelscale.data import DatasetStore, open_dataset
+from kernelscale.kip.store import DistilledStore, create_distilled, empty_history, open_distilled
+from kernelscale.errors import InputError, NotConvergedError, StoreError
+from kernelscale.kernels import KernelSpec, check_input_shape, load_spec, parse_arch
+from kernelscale.kip.targets import (DEFAULT_MEMORY_LIMIT, SAMPLING_MODES, TargetSampler, check_gram, check_ipc, init_gram,
                        init_random, label_solve, sampling_mode)
-from .kip_sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
-from .target_augment import TargetAugment
+from kernelscale.kip.sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
+from kernelscale.kip.augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +209,14 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         check_compatible(data_like, val_store, "--val")
     gram_store = None
     if gram:
-        from .gram_store import open_gram  # noqa: PLC0415
+        from kernelscale.gram.store import open_gram  # noqa: PLC0415
 
         gram_store = open_gram(gram)
         check_gram(gram_store, data, spec.canonical())
     label_lr = lr if label_lr is None else label_lr
-    adv = None  # adversarial KIP (kernelscale.adversarial_kip): PGD target batches against the support
+    adv = None  # adversarial KIP (kernelscale.kip.adversarial): PGD target batches against the support
     if adversarial:
-        from .adversarial_kip import AdversarialTargets  # noqa: PLC0415
+        from kernelscale.kip.adversarial import AdversarialTargets  # noqa: PLC0415
 
         if target_transform is not None:
             raise InputError("pass either adversarial= or target_transform=, not both")
@@ -313,7 +313,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         if workers == 1:
             pool = LocalPool([ShardWorker(data_path, spec.canonical(), part=0, **worker_kwargs)])
         else:
-            from .runtime import ensure_ray  # noqa: PLC0415
+            from kernelscale.runtime import ensure_ray  # noqa: PLC0415
 
             ray_info = ensure_ray()
             path = os.path.abspath(data_path) if not storage.is_url(data_path) else data_path
@@ -370,7 +370,7 @@ def distill(data_path: str, *, out: str, arch: str = "fc", kernel: str = "ntk", 
         if pool is not None:
             pool.close()
         if ray_info:
-            from .runtime import shutdown_if_started  # noqa: PLC0415
+            from kernelscale.runtime import shutdown_if_started  # noqa: PLC0415
 
             shutdown_if_started(ray_info)
     history["loss"] = np.asarray(losses, np.float32)

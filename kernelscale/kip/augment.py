@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from kernelscale.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import jax.scipy.linalg
 import numpy as np
 import optax
 
-from .labels import one_hot
+from kernelscale.data.labels import one_hot
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Sharded KIP: the target batch split across W workers (Ray actors), and K_ss tile-wise for large supports.
 
 Each worker samples its own contiguous slice of the step's target batch from DATA (batches are a pure
-function of ``(seed, step)``, see :mod:`kernelscale.kip_data`), so no target data passes through the driver.
+function of ``(seed, step)``, see :mod:`kernelscale.kip.targets`), so no target data passes through the driver.
 Per step the driver puts the support ``(x, y, key)`` into the object store once; every worker computes the
 summed loss and gradient w.r.t. the support on its slice (split again across its local JAX devices); the
 driver sums them and applies the optax update (:meth:`Kip.apply`). The result equals the single-process step
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kip as kipmod
-from .data import open_dataset
-from .kernels import KernelSpec, kernel_fn
-from .kip_data import DEFAULT_MEMORY_LIMIT, TargetSampler
-from .target_augment import TargetAugment
+from kernelscale.kip import step as kipmod
+from kernelscale.data import open_dataset
+from kernelscale.kernels import KernelSpec, kernel_fn
+from kernelscale.kip.targets import DEFAULT_MEMORY_LIMIT, TargetSampler
+from kernelscale.kip.augment import TargetAugment
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ShardWorker:
 
     Runs in-process (:class:`LocalPool`) or as a Ray actor (:class:`RayPool`). Holds its own sampler and
     jitted functions; receives the support each step. ``target_transform`` is the adversarial-KIP hook,
-    ``augment`` the target images' translations/flips (:mod:`kernelscale.target_augment`).
+    ``augment`` the target images' translations/flips (:mod:`kernelscale.kip.augment`).
     """
 
     def __init__(self, data_path: str, spec_json: str, *, lr: float, reg: float, learn_labels: bool, batch: int,
@@ -138,7 +138,7 @@ class RayPool:
                  gpus_per_worker: float = 0.0):
         import ray  # noqa: PLC0415
 
-        from .runtime import actor_options  # noqa: PLC0415
+        from kernelscale.runtime import actor_options  # noqa: PLC0415
 
         self._ray = ray
         opts = actor_options(gpus_per_worker, cpus_per_worker)

@@ -13,7 +13,7 @@ an exact diagonal. neural-tangents stays the reference the tests compare against
 
 from __future__ import annotations
 
-from ._api import (
+from kernelscale.kernels.native._api import (
     CHUNK_BYTES,
     block_kernel,
     bytes_per_pair,

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InputError
+from kernelscale.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ KERNELS = ("ntk", "nngp")
 
 def _neural_tangents() -> types.ModuleType:
     """Import neural-tangents without ``neural_tangents.experimental`` (which would import tensorflow)."""
-    from .runtime import install_nt_stub  # noqa: PLC0415
+    from kernelscale.runtime import install_nt_stub  # noqa: PLC0415
 
     install_nt_stub()  # already done by `import kernelscale`; kept for callers that loaded this module alone
     try:
@@ -320,7 +320,7 @@ def fast_relu() -> tuple[Callable, Callable, KernelFn]:
     """
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from .native._arccos import safe_sqrt as sqrt  # noqa: PLC0415 - sqrt(max(x, 0)), zero derivative at 0
+    from kernelscale.kernels.native._arccos import safe_sqrt as sqrt  # noqa: PLC0415 - sqrt(max(x, 0)), zero derivative at 0
 
     stax = _neural_tangents().stax
     atan2 = _fast_atan2()
@@ -391,11 +391,11 @@ def kernel_fn(spec: KernelSpec, *, fast: bool = True, native: bool = True) -> Ke
     """The analytic ``kernel_fn(x1, x2, get)`` of a spec.
 
     Built-in architectures (fc with relu/erf, convnet, myrtle) use kernelscale's own exact recursions
-    (:mod:`kernelscale.native`: structured convolutions, exact diagonals, differentiable). ``native=False``
+    (:mod:`kernelscale.kernels.native`: structured convolutions, exact diagonals, differentiable). ``native=False``
     builds neural-tangents' ``stax`` kernel instead (with :func:`fast_relu`, or with neural-tangents' own
     ``stax.Relu`` when ``fast=False``: the reference the tests and benchmarks compare against).
     """
-    from . import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
 
     if native and native_kernels.supports(spec):
         return native_kernels.kernel_fn(spec)
@@ -417,10 +417,10 @@ def gram_calls(spec: KernelSpec, dtype: str = "float32") -> tuple[Callable[[Any,
     """The forward Gram engine's kernel calls for a spec: ``(f(x1, x2) -> (n1, n2), g(x) -> (n, n) or None)``.
 
     ``g`` is the symmetric call for diagonal blocks (each unordered pair once, exact diagonal); None when the
-    spec has no native kernel. Convolutional kernels run compiled CPU code (:mod:`kernelscale.native`) on a
+    spec has no native kernel. Convolutional kernels run compiled CPU code (:mod:`kernelscale.kernels.native`) on a
     CPU backend in float32, and the JAX recursion elsewhere (GPU, float64).
     """
-    from . import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
 
     if not native_kernels.supports(spec):
         return pairwise(spec), None
@@ -491,7 +491,7 @@ def bytes_per_pair(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
     Native convolutional kernels stream their pairs in steps of bounded size (``native.CHUNK_BYTES``), so a
     call needs only its outputs per pair; neural-tangents' keep ~16 arrays of the full spatial covariance.
     """
-    from . import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
 
     if native_kernels.supports(spec):
         return native_kernels.bytes_per_pair(spec, input_shape)
@@ -502,7 +502,7 @@ def bytes_per_pair(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
 def fixed_bytes(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
     """Working memory of one kernel call that does not grow with its number of pairs (native kernels' streamed
     steps and per-thread scratch); 0 for neural-tangents kernels, whose memory is all per pair."""
-    from . import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
 
     return native_kernels.fixed_bytes(spec, input_shape) if native_kernels.supports(spec) else 0
 

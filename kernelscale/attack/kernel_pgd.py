@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InputError
+from kernelscale.errors import InputError
 
 log = logging.getLogger(__name__)
 

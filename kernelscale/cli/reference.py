@@ -1,6 +1,6 @@
 """Render the CLI reference (docs/cli.md) from the argument parsers, so the docs cannot drift from the code.
 
-``python -m kernelscale.cli_reference > docs/cli.md`` regenerates it; a test fails when it is stale.
+``python -m kernelscale.cli.reference > docs/cli.md`` regenerates it; a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import HelpFormatter, build_parser
+from kernelscale.cli import HelpFormatter, build_parser
 
 HEADER = """# CLI reference
 
-Generated from the argument parsers by `python -m kernelscale.cli_reference > docs/cli.md`
+Generated from the argument parsers by `python -m kernelscale.cli.reference > docs/cli.md`
 (`tests/test_cli_reference.py` fails when this file is out of date). Every subcommand also takes
 `--json` (one JSON summary object as the last line of stdout), `-v` and `--no-progress`.
 Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 130 interrupted (Ctrl-C), 143 terminated
