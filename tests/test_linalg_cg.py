@@ -13,6 +13,10 @@ from kernelscale.linalg import (
     PreconditionerSpec,
     build_preconditioner,
     cg,
+    cg_done,
+    cg_finish,
+    cg_init,
+    cg_step,
     cholesky_solve,
     nystrom_uniform,
     rpcholesky,
@@ -190,3 +194,32 @@ def test_scalar_residual_nystrom_and_bad_specs(rng):
     assert PreconditionerSpec.parse("nystrom").rank == 0  # automatic rank (preconditioners.auto_rank)
     with pytest.raises(InputError):
         CGOptions(tol=0).validate()
+
+
+def test_driver_loop_equals_init_step_finish_and_step_leaves_its_input(rng):
+    k = rbf(120, 2.0, seed=4)
+    b = rng.standard_normal((120, 3))
+    op = DenseOperator(k, psd=True).shift(1e-2)
+    pre = build_preconditioner(PreconditionerSpec.parse("nystrom:15"), DenseOperator(k, psd=True), 1e-2)
+    opts = CGOptions(tol=1e-9, max_iter=200, true_residual_every=5)
+    st = cg_init(op, b, pre)
+    while not cg_done(st, opts):
+        before = (st.x.copy(), st.p.copy(), st.col.copy(), st.iteration, list(st.history))
+        nxt = cg_step(op, b, pre, st, opts)
+        np.testing.assert_array_equal(st.x, before[0])  # the step returned a new state
+        np.testing.assert_array_equal(st.p, before[1])
+        np.testing.assert_array_equal(st.col, before[2])
+        assert (st.iteration, st.history) == (before[3], before[4]) and nxt.iteration == st.iteration + 1
+        st = nxt
+    st = cg_finish(op, b, st, opts)
+    sol = cg(op, b, pre, opts)
+    np.testing.assert_array_equal(st.x, sol.x)  # bitwise: the driver is exactly this loop
+    assert st.history == sol.history and sol.converged and sol.fix == ""
+
+
+def test_not_converged_fix_names_python_parameters(rng):
+    k = spd_matrix(100, cond=1e6)
+    sol = cg(DenseOperator(k, psd=True), rng.standard_normal((100, 2)), options=CGOptions(tol=1e-12, max_iter=3))
+    assert sol.status == "max_iterations" and "--" not in sol.fix
+    assert "max_iter" in sol.fix and "checkpoint_path/resume_from" in sol.fix and "reg" in sol.fix
+    assert "--max-iter" in sol.message and "--checkpoint/--resume" in sol.message  # the CLI's words

@@ -4,7 +4,17 @@ Knows nothing about neural networks or stores: it sees operators and right-hand 
 operators are in ``kernelscale.gram.operators``.
 """
 
-from kernelscale.linalg.cg import CGOptions, CGState, CheckpointWriteError, Solution, cg
+from kernelscale.linalg.cg import (
+    CGOptions,
+    CGState,
+    CheckpointWriteError,
+    Solution,
+    cg,
+    cg_done,
+    cg_finish,
+    cg_init,
+    cg_step,
+)
 from kernelscale.linalg.cholesky import cholesky_solve
 from kernelscale.linalg.operators import DenseOperator, LinearOperator, ShiftedOperator
 from kernelscale.linalg.preconditioners import (
@@ -18,7 +28,8 @@ from kernelscale.linalg.preconditioners import (
 )
 
 __all__ = [
-    "CGOptions", "CGState", "CheckpointWriteError", "Solution", "cg", "cholesky_solve", "DenseOperator", "LinearOperator",
+    "CGOptions", "CGState", "CheckpointWriteError", "Solution", "cg", "cg_init", "cg_step", "cg_done", "cg_finish",
+    "cholesky_solve", "DenseOperator", "LinearOperator",
     "ShiftedOperator", "JacobiPreconditioner", "NystromPreconditioner",
     "Preconditioner", "PreconditionerSpec", "build_preconditioner", "nystrom_uniform", "rpcholesky",
 ]

@@ -33,12 +33,13 @@ def cholesky_solve(k: np.ndarray, b: np.ndarray, reg: float = 0.0) -> Solution:
     try:
         factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=True)
         x = scipy.linalg.cho_solve(factor, b2)
-        status, message = "converged", "direct float64 Cholesky solve"
+        status, message, fix = "converged", "direct float64 Cholesky solve", ""
     except (np.linalg.LinAlgError, ValueError) as exc:
         x = np.zeros_like(b2)
         status = "breakdown" if isinstance(exc, np.linalg.LinAlgError) else "non_finite"
         message = (f"Cholesky failed ({exc}): K + reg*I is not positive definite (or holds NaN/Inf). "
                    "Use a larger --reg, or check the Gram store with `kernelscale verify`.")
+        fix = "use a larger reg, or check K for NaN/Inf"
     del a
     if status == "converged":
         bn = np.linalg.norm(b2, axis=0)
@@ -49,9 +50,10 @@ def cholesky_solve(k: np.ndarray, b: np.ndarray, reg: float = 0.0) -> Solution:
             message = (f"Cholesky factored K + reg*I but the true relative residual is {float(np.max(rel)):.2e} "
                        f"(> {DIRECT_RESIDUAL_MAX:g}): the matrix is numerically singular (duplicate inputs?). "
                        "Use a larger --reg.")
+            fix = "use a larger reg"
     else:
         rel = np.full(b2.shape[1], np.inf)
     sol = Solution(x[:, 0] if vector else x, status, message, 0, np.asarray(rel, np.float64),
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, fix=fix)
     log.info("Cholesky %s in %.2f s", status, sol.seconds)
     return sol
