@@ -1,7 +1,9 @@
 """Preconditioners for K + reg * I: none, Jacobi, and Nyström of rank r (uniform or RPCholesky landmarks).
 
-A preconditioner maps a residual block R (N, k) to Z = P^{-1} R (N, k), float64. Nyström preconditioners
-read only the landmark columns of K through ``operator.columns`` (tile columns of a Gram store).
+A preconditioner maps a residual block R (N, k) to Z = P^{-1} R (N, k), float64 (``apply``). It is the
+symmetric positive definite operator P^{-1}: a ``LinearOperator`` (``mm``, ``mv``, ``diag``, ``columns``).
+Nyström preconditioners read only the landmark columns of K through ``operator.columns`` (tile columns of a
+Gram store).
 
 Nyström with ``residual="diag"`` (default) preconditions with P = F F^T + diag(d) + reg * I, where
 K ~ F F^T is the rank-r Nyström approximation and d >= 0 the diagonal it misses (the FITC / "Nyström plus
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -85,18 +87,42 @@ class PreconditionerSpec:
         return self.kind
 
 
-class Preconditioner:
-    """Identity (no preconditioning). Subclasses override ``apply``."""
+class Preconditioner(LinearOperator):
+    """Identity (no preconditioning) as the operator P^{-1} = I of ``n`` rows (None: any number of rows, then
+    ``shape`` is (0, 0) and ``mm`` takes any block). Subclasses override ``apply`` and ``diag``."""
 
     name = "none"
+    symmetric = True
+    psd = True
 
-    def __init__(self) -> None:
+    def __init__(self, n: int | None = None) -> None:
+        self.n = n
+        self.shape = (n, n) if n is not None else (0, 0)
         self.setup_seconds = 0.0
         self.info: dict[str, Any] = {}
 
     def apply(self, r: np.ndarray) -> np.ndarray:
-        """P^{-1} R for R (N, k) -> (N, k) float64."""
+        """P^{-1} R for R (N, k) -> (N, k) float64 (what CG calls; ``mm`` is the same with checked shapes)."""
         return np.array(r, np.float64, copy=True)
+
+    def mm(self, x: np.ndarray) -> np.ndarray:
+        if self.n is None:  # the identity of unknown size takes any block
+            return self.apply(np.asarray(x, np.float64))
+        return super().mm(x)
+
+    def _mm(self, x: np.ndarray) -> np.ndarray:
+        return self.apply(x)
+
+    def diag(self) -> np.ndarray:
+        """diag(P^{-1}) (N,) float64."""
+        if self.n is None:
+            raise ValueError("the identity preconditioner of unknown size has no diagonal; pass n")
+        return np.ones(self.n)
+
+    def columns(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        if self.n is None:
+            raise ValueError("the identity preconditioner of unknown size has no columns; pass n")
+        return super().columns(idx)
 
 
 class JacobiPreconditioner(Preconditioner):
@@ -111,9 +137,14 @@ class JacobiPreconditioner(Preconditioner):
             raise InputError("Jacobi preconditioning needs a positive, finite diagonal of K + reg*I; "
                              "use --precond none or a reg > 0")
         self.inv = 1.0 / diag
+        self.n = len(diag)
+        self.shape = (self.n, self.n)
 
     def apply(self, r: np.ndarray) -> np.ndarray:
         return np.asarray(r, np.float64) * self.inv[:, None]
+
+    def diag(self) -> np.ndarray:
+        return self.inv.copy()
 
 
 @dataclass
@@ -201,6 +232,8 @@ class NystromPreconditioner(Preconditioner):
         self.residual = residual
         f = nys.factor
         self.rank = f.shape[1]
+        self.n = f.shape[0]
+        self.shape = (self.n, self.n)
         if residual == "diag":
             dvec = nys.residual_diag + reg
             if not (dvec > 0).all():
@@ -234,6 +267,15 @@ class NystromPreconditioner(Preconditioner):
             return r.copy()
         return r + self.u @ (self.scale[:, None] * (self.u.T @ r))
 
+    def diag(self) -> np.ndarray:
+        """diag(P^{-1}): D^{-1} - diag(D^{-1} F M^{-1} F^T D^{-1}) (Woodbury), or 1 + diag(U diag(scale) U^T)."""
+        if self.residual == "diag":
+            if not self.rank:
+                return self.dinv.copy()
+            w = scipy.linalg.solve_triangular(self.chol[0], self.f.T, lower=self.chol[1])  # L^{-1} F^T (r, N)
+            return self.dinv - self.dinv**2 * np.einsum("ij,ij->j", w, w)
+        return 1.0 + np.einsum("ij,j,ij->i", self.u, self.scale, self.u) if self.rank else np.ones(self.n)
+
 
 def build_preconditioner(spec: PreconditionerSpec, kernel: LinearOperator, reg: float, *,
                          progress: bool = False) -> Preconditioner:
@@ -243,7 +285,7 @@ def build_preconditioner(spec: PreconditionerSpec, kernel: LinearOperator, reg: 
     """
     t0 = time.perf_counter()
     if spec.kind == "none":
-        pre: Preconditioner = Preconditioner()
+        pre: Preconditioner = Preconditioner(kernel.shape[0])
     elif spec.kind == "jacobi":
         pre = JacobiPreconditioner(kernel.diag() + reg)
     elif spec.kind == "nystrom":
@@ -260,7 +302,7 @@ def build_preconditioner(spec: PreconditionerSpec, kernel: LinearOperator, reg: 
             # e.g. reg 0 on a singular or indefinite Gram: the Woodbury factor is not finite. CG without a
             # preconditioner still reports how such a system ends (breakdown, max_iterations).
             log.warning("the Nyström preconditioner cannot be built (%s); solving without one", exc)
-            pre = Preconditioner()
+            pre = Preconditioner(kernel.shape[0])
             pre.info = {"fallback": f"nystrom failed: {exc}"}
     else:
         raise InputError(f"unknown preconditioner {spec.kind!r}")
