@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from kernelscale.data.labels import one_hot
+from kernelscale.linalg.ridge import ridge
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def make_optimizer(lr: float, label_lr: float, schedule: str, total_steps: int |
 
 
 def regulariser(k_ss: jax.Array, reg: float) -> jax.Array:
-    """``reg * trace(K_ss) / n_s``: the ridge added to K_ss (neural-tangents' scaling)."""
-    return reg * jnp.trace(k_ss) / k_ss.shape[0]
+    """``reg * trace(K_ss) / n_s``: the ridge added to K_ss (:func:`kernelscale.linalg.ridge.ridge`)."""
+    return ridge(reg, jnp.trace(k_ss), k_ss.shape[0])
 
 
 def regularised(k_ss: jax.Array, reg: float) -> jax.Array:
@@ -219,7 +220,7 @@ def solve_labels(k_train_s: np.ndarray, y_train: np.ndarray, k_ss: np.ndarray, r
     k_ts = np.asarray(k_train_s, np.float64)
     k_ss = np.asarray(k_ss, np.float64)
     w, *_ = np.linalg.lstsq(k_ts, np.asarray(y_train, np.float64), rcond=None)
-    lam = reg * np.trace(k_ss) / k_ss.shape[0]
+    lam = ridge(reg, np.trace(k_ss), k_ss.shape[0])
     return ((k_ss + lam * np.eye(k_ss.shape[0])) @ w).astype(np.float32)
 
 

@@ -28,6 +28,7 @@ from kernelscale.data import DatasetStore
 from kernelscale.errors import InputError, StoreError
 from kernelscale.gram.store import GramStore
 from kernelscale.kip.augment import TargetAugment
+from kernelscale.linalg.ridge import ridge
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,6 @@ def label_solve(data: DatasetStore, gram: GramStore, support_rows: np.ndarray, r
     k_ts = read_columns(gram, support_rows)
     k_ss = k_ts[support_rows]
     labels = solve_labels(k_ts, data.one_hot(), k_ss, reg)
-    lam = reg * np.trace(k_ss) / len(support_rows)
+    lam = ridge(reg, np.trace(k_ss), len(support_rows))
     w = np.linalg.solve(k_ss + lam * np.eye(len(support_rows)), labels.astype(np.float64))
     return {"labels": labels, "train_pred": k_ts @ w}
