@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernelscale.kip import step as kipmod
 from kernelscale.data import open_dataset
 from kernelscale.kernels import KernelSpec, kernel_fn
-from kernelscale.kip.targets import DEFAULT_MEMORY_LIMIT, TargetSampler
+from kernelscale.kip import step as kipmod
 from kernelscale.kip.augment import TargetAugment
+from kernelscale.kip.targets import DEFAULT_MEMORY_LIMIT, TargetSampler
+from kernelscale.runtime import actor_options
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ class RayPool:
     def __init__(self, make_args: Callable[[int], tuple[tuple, dict]], workers: int, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0):
         import ray  # noqa: PLC0415
-
-        from kernelscale.runtime import actor_options  # noqa: PLC0415
 
         self._ray = ray
         opts = actor_options(gpus_per_worker, cpus_per_worker)

@@ -27,7 +27,9 @@ import numpy as np
 from kernelscale.data import DatasetStore
 from kernelscale.errors import InputError, StoreError
 from kernelscale.gram.store import GramStore
+from kernelscale.kernels import KernelSpec
 from kernelscale.kip.augment import TargetAugment
+from kernelscale.kip.step import solve_labels
 from kernelscale.linalg.ridge import ridge
 
 log = logging.getLogger(__name__)
@@ -300,8 +302,6 @@ def init_random(data: DatasetStore, ipc: int, seed: int) -> np.ndarray:
 
 def check_gram(gram: GramStore, data: DatasetStore, spec_canonical: str) -> None:
     """A Gram used for KIP must be the symmetric Gram of DATA itself, with the same kernel spec."""
-    from kernelscale.kernels import KernelSpec  # noqa: PLC0415
-
     if not gram.symmetric or gram.shape != (data.n, data.n):
         raise StoreError(
             f"{gram.path}: KIP needs the symmetric Gram of DATA ({data.n} x {data.n}), got a "
@@ -374,8 +374,6 @@ def label_solve(data: DatasetStore, gram: GramStore, support_rows: np.ndarray, r
     Reads K(DATA, support) from the stored Gram. Returns ``labels`` (n_s, C) float32 and the fitted train
     predictions ``train_pred`` (N, C).
     """
-    from kernelscale.kip.step import solve_labels  # noqa: PLC0415
-
     k_ts = read_columns(gram, support_rows)
     k_ss = k_ts[support_rows]
     labels = solve_labels(k_ts, data.one_hot(), k_ss, reg)
