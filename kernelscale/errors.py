@@ -28,6 +28,11 @@ def cli_words() -> Iterator[None]:
         _IN_CLI.reset(token)
 
 
+def in_cli() -> bool:
+    """True inside :func:`cli_words` (messages name command-line flags), False for a Python caller."""
+    return _IN_CLI.get()
+
+
 def api_words(message: str) -> str:
     """``message`` for a Python caller: ``pass --overwrite`` becomes ``pass overwrite=True`` (text quoted in
     backticks, such as a command to run, is left as it is)."""
@@ -58,6 +63,13 @@ class StoreError(InputError):
 
 
 class NotConvergedError(KernelscaleError):
-    """An iterative solve stopped without reaching its tolerance."""
+    """An iterative solve or optimisation stopped without reaching its goal (tolerance, finite loss).
+
+    ``summary`` is what the run had done when it stopped (the JSON keys the CLI adds to its error summary).
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary: dict[str, Any] = dict(summary or {})

@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
     code = int(summary.pop("_exit_code", code))
     if args.json:
-        print(json.dumps(_finite(summary), default=_jsonable, sort_keys=False, allow_nan=False))
+        print(json.dumps(_finite(summary), default=jsonable, sort_keys=False, allow_nan=False))
     else:
         _print_human(summary)
     return code
@@ -252,7 +252,8 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """What ``json.dumps`` cannot write itself: NumPy scalars and arrays as Python values, anything else as text."""
     try:
         import numpy as np  # noqa: PLC0415
 

@@ -17,11 +17,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from kernelscale import storage
+from kernelscale.cli import jsonable
 from kernelscale.data import ingest, open_dataset
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class DemoOptions:
     progress: bool = True
 
 
-def _stage(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _stage(report: dict[str, Any], name: str, fn: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     print(f"[demo] {name} ...", flush=True)
     result = fn()
@@ -107,12 +108,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         report["solve"] = {"status": "reused", "out": path["model.zarr"]}
         residuals = list(report_history(out))
     else:
-        solved = _stage(report, "solve", lambda: krr.solve(
+        _stage(report, "solve", lambda: krr.solve(
             path["gram.zarr"], path["train.zarr"], reg=opts.reg, out=path["model.zarr"], tol=1e-6, max_iter=500,
             precond="nystrom:500", progress=opts.progress,
-            callback=lambda info: residuals.append(float(info["max_rel_residual"]))))
-        if solved["status"] != "converged":
-            raise RuntimeError(f"demo solve did not converge: {solved['message']}")
+            callback=lambda info: residuals.append(float(info["max_rel_residual"]))).raise_for_status())
         np.save(os.path.join(out, "cg_residuals.npy"), np.asarray(residuals))
     _stage(report, "eval", lambda: krr.evaluate(path["model.zarr"], path["cross.zarr"], path["val.zarr"]))
     sizes = [s for s in (125, 250, 500, 1000, 2000, train.n) if s <= train.n]
@@ -152,7 +151,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report_path = os.path.join(out, "report.json")
     with open(report_path, "w") as fh:
-        json.dump(report, fh, indent=2, default=_jsonable)
+        json.dump(report, fh, indent=2, default=jsonable)
     return {"report": report_path} | report["summary"] | {"seconds": report["seconds"]}
 
 
@@ -175,10 +174,3 @@ def _robustness(distilled: str, val: Any, opts: DemoOptions) -> dict[str, Any]:
     attack = Attack.parse(opts.attack, steps=opts.pgd_steps)
     return attack_distilled(distilled, val.path, attack, limit=min(opts.attack_rows, val.n))
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

@@ -16,15 +16,19 @@ tile from a cross Gram store (``kernelscale gram TEST.zarr --against DATA.zarr``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from kernelscale import storage
+from kernelscale.config import build as config_build
+from kernelscale.config import validate as config_validate
 from kernelscale.data import DatasetStore, available_memory, open_dataset
 from kernelscale.errors import InputError, NotConvergedError, StoreError
 from kernelscale.data.labels import one_hot
@@ -41,12 +45,11 @@ from kernelscale.linalg import (
     cg,
     cholesky_solve,
 )
+from kernelscale.krr.config import OPERATORS, REG_SCALES, SOLVERS, CurveConfig, SolveConfig
+from kernelscale.krr.results import CurveResult, SolveResult
 
 log = logging.getLogger(__name__)
 
-REG_SCALES = ("trace", "absolute")
-SOLVERS = ("cg", "cholesky")
-OPERATORS = ("zarr", "memory", "ray")
 MODEL_FORMAT_VERSION = 1
 
 
@@ -141,113 +144,117 @@ def check_checkpoint_path(checkpoint: str | None, resume: bool, overwrite: bool,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def solve(
-    gram: str,
-    data: str,
-    *,
-    reg: float,
-    out: str,
-    reg_scale: str = "trace",
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    precond: str = "nystrom",
-    solver: str = "cg",
-    operator: str = "zarr",
-    landmarks: str = "rpcholesky",
-    nystrom_residual: str = "diag",
-    seed: int = 0,
-    true_residual_every: int = 50,
-    checkpoint: str | None = None,
-    checkpoint_every: int = 10,
-    resume: bool = False,
-    workers: int | None = None,
-    progress: bool = True,
-    callback: Callable[[dict[str, Any]], Any] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
+def solve(gram: str | None = None, data: str | None = None, config: SolveConfig | None = None, *,
+          callback: Callable[[dict[str, Any]], Any] | None = None, **overrides: Any) -> SolveResult:
     """Solve (K + r I) alpha = Y for a stored train Gram and write MODEL.zarr if it converges.
 
-    Returns the summary (status, iterations, rel_residual = max true relative residual over columns, seconds,
-    message, ...). A non-converged solve sets ``_exit_code`` 3 and writes no model.
+    Settings: a :class:`SolveConfig`, or its fields as keyword arguments (``reg`` and ``out`` are required),
+    or both (the keywords replace the config's). ``callback(info)`` is called after each CG iteration.
+    Returns a :class:`SolveResult`; a solve that stops without converging writes no model and says so in its
+    ``status`` (``result.raise_for_status()`` turns that into :class:`NotConvergedError`).
     """
+    paths = {k: v for k, v in (("gram", gram), ("data", data)) if v is not None}
+    cfg = config_build(SolveConfig, config, paths | overrides)
     t0 = time.perf_counter()
-    check_reg(reg, reg_scale)
-    if solver not in SOLVERS:
-        raise InputError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if operator not in OPERATORS:
-        raise InputError(f"--operator must be one of {', '.join(OPERATORS)}, got {operator!r}")
-    pspec = PreconditionerSpec.parse(precond, landmarks=landmarks, residual=nystrom_residual, seed=seed)
-    options = CGOptions(tol=tol, max_iter=max_iter, true_residual_every=true_residual_every,
-                        checkpoint_path=checkpoint, checkpoint_every=checkpoint_every)
+    checked = check_solve(cfg)
+    sol, details = run_solver(cfg, checked, callback)
+    return finish_solve(cfg, checked, sol, details, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedSolve:
+    """What :func:`check_solve` opened and derived: the stores, the targets Y (N, C) float64 and the ridge."""
+
+    data: DatasetStore
+    store: GramStore
+    pspec: PreconditionerSpec
+    options: CGOptions
+    y: np.ndarray
+    reg_effective: float
+
+
+def check_solve(cfg: SolveConfig) -> CheckedSolve:
+    """Validate ``cfg`` and the stores it names, before any expensive work; returns them opened."""
+    config_validate(cfg)
+    pspec = PreconditionerSpec.parse(cfg.precond, landmarks=cfg.landmarks, residual=cfg.nystrom_residual, seed=cfg.seed)
+    options = CGOptions(tol=cfg.tol, max_iter=cfg.max_iter, true_residual_every=cfg.true_residual_every,
+                        checkpoint_path=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
     options.validate()
-    if resume and not checkpoint:
+    if cfg.resume and not cfg.checkpoint:
         raise InputError("--resume needs --checkpoint PATH (the file a previous solve wrote)")
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
-    storage.check_disjoint(out, [("GRAM", gram), ("--data", data)], "--out")
-    check_checkpoint_path(checkpoint, resume, overwrite, [("GRAM", gram), ("--data", data), ("--out", out)])
-    ds = open_dataset(data)
-    store = open_gram(gram)
+    storage.check_disjoint(cfg.out, [("GRAM", cfg.gram), ("--data", cfg.data)], "--out")
+    check_checkpoint_path(cfg.checkpoint, cfg.resume, cfg.overwrite,
+                          [("GRAM", cfg.gram), ("--data", cfg.data), ("--out", cfg.out)])
+    ds = open_dataset(cfg.data)
+    store = open_gram(cfg.gram)
     check_gram_for_data(store, ds)
     ds.check_content()  # rows/labels edited behind the fingerprint's back are refused (sampled chunks)
-    _check_out(out)
-    if solver == "cholesky" or operator == "memory":  # the whole Gram in memory (Cholesky: twice, in float64)
-        need = ds.n * ds.n * 8 * (2 if solver == "cholesky" else 1)
+    _check_out(cfg.out)
+    if cfg.solver == "cholesky" or cfg.operator == "memory":  # the whole Gram in memory (Cholesky: twice, float64)
+        need = ds.n * ds.n * 8 * (2 if cfg.solver == "cholesky" else 1)
         if need > available_memory():
-            raise InputError(f"{'--solver cholesky' if solver == 'cholesky' else '--operator memory'} needs "
+            raise InputError(f"{'--solver cholesky' if cfg.solver == 'cholesky' else '--operator memory'} needs "
                              f"{need / 2**30:.1f} GiB for the {ds.n} x {ds.n} Gram, more than the "
                              f"{available_memory() / 2**30:.1f} GiB available; use --solver cg --operator zarr")
     y = ds.one_hot(centred=True).astype(np.float64)
-
     diag = np.asarray(store.diag(), np.float64)
-    reg_eff = effective_reg(reg, reg_scale, float(diag.sum()), ds.n)
-    summary: dict[str, Any] = {"solver": solver, "n": ds.n, "classes": ds.num_classes, "reg": reg,
-                               "reg_scale": reg_scale, "reg_effective": reg_eff}
-    if solver == "cholesky":
+    reg_eff = effective_reg(cfg.reg, cfg.reg_scale, float(diag.sum()), ds.n)
+    return CheckedSolve(ds, store, pspec, options, y, reg_eff)
+
+
+def run_solver(cfg: SolveConfig, checked: CheckedSolve, callback: Callable[[dict[str, Any]], Any] | None = None
+               ) -> tuple[Solution, dict[str, Any]]:
+    """The solve itself (Cholesky, or block PCG over the chosen operator); returns the solution and the solver's
+    details for the summary (precond, and for PCG the operator and its timings)."""
+    store, ds, reg_eff = checked.store, checked.data, checked.reg_effective
+    if cfg.solver == "cholesky":
         k = store.to_numpy()
-        sol = cholesky_solve(k, y, reg_eff)
+        sol = cholesky_solve(k, checked.y, reg_eff)
         del k
-        summary["precond"] = "n/a"
-    else:
-        op = open_operator(store, operator, workers=workers)
+        return sol, {"precond": "n/a"}
+    op = open_operator(store, cfg.operator, workers=cfg.workers)
+    try:
+        pre = build_preconditioner(checked.pspec, op, reg_eff, progress=cfg.progress)
+        bar = tqdm(total=cfg.max_iter, desc="cg", unit="it", disable=not cfg.progress)
+
+        def _cb(info: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.set_postfix(res=f"{info['max_rel_residual']:.2e}", active=info["active"])
+            if callback is not None:
+                callback(info)
+
+        problem_id = f"{store.fingerprint}|{ds.fingerprint}|{reg_eff!r}|{checked.pspec!r}"
         try:
-            pre = build_preconditioner(pspec, op, reg_eff, progress=progress)
-            bar = tqdm(total=max_iter, desc="cg", unit="it", disable=not progress)
-
-            def _cb(info: dict[str, Any]) -> None:
-                bar.update(1)
-                bar.set_postfix(res=f"{info['max_rel_residual']:.2e}", active=info["active"])
-                if callback is not None:
-                    callback(info)
-
-            problem_id = f"{store.fingerprint}|{ds.fingerprint}|{reg_eff!r}|{pspec!r}"
-            try:
-                sol = cg(op.shift(reg_eff), y, pre, options, callback=_cb,
-                         resume_from=checkpoint if resume else None, problem_id=problem_id)
-            except CheckpointWriteError as exc:
-                if storage.is_disk_full(exc):
-                    raise storage.disk_full_error(exc.path, f"writing the solver checkpoint at iteration "
-                                                            f"{exc.iteration} (the previous checkpoint is kept)") from None
-                raise
-            finally:
-                bar.close()
+            sol = cg(op.shift(reg_eff), checked.y, pre, checked.options, callback=_cb,
+                     resume_from=cfg.checkpoint if cfg.resume else None, problem_id=problem_id)
+        except CheckpointWriteError as exc:
+            if storage.is_disk_full(exc):
+                raise storage.disk_full_error(exc.path, f"writing the solver checkpoint at iteration "
+                                                        f"{exc.iteration} (the previous checkpoint is kept)") from None
+            raise
         finally:
-            op.close()
-        used = pspec.describe(ds.n) if "fallback" not in pre.info else f"none ({pre.info['fallback']})"
-        summary.update({"precond": used, "operator": operator, "precond_seconds": round(pre.setup_seconds, 3),
-                        "products": sol.products, "operator_seconds": round(sol.operator_seconds, 3),
-                        "seconds_per_iteration": round(sol.operator_seconds / max(sol.products, 1), 4)})
-    summary = {"status": sol.status, "iterations": sol.iterations, "rel_residual": sol.max_rel_residual,
-               "seconds": round(time.perf_counter() - t0, 3), "message": sol.message} | summary
-    if sol.converged:
-        write_model(out, sol.x, store=store, data=ds, summary=summary, tol=tol)
-        summary["out"] = out
-    else:
-        summary["out"] = None
-        summary["message"] = sol.message + " No model was written."
-        summary["_exit_code"] = 3
+            bar.close()
+    finally:
+        op.close()
+    used = checked.pspec.describe(ds.n) if "fallback" not in pre.info else f"none ({pre.info['fallback']})"
+    return sol, {"precond": used, "operator": cfg.operator, "precond_seconds": round(pre.setup_seconds, 3),
+                 "products": sol.products, "operator_seconds": round(sol.operator_seconds, 3),
+                 "seconds_per_iteration": round(sol.operator_seconds / max(sol.products, 1), 4)}
+
+
+def finish_solve(cfg: SolveConfig, checked: CheckedSolve, sol: Solution, details: dict[str, Any], *,
+                 seconds: float) -> SolveResult:
+    """The result, and the model store when the solve converged (else none, and the message says so)."""
+    ds = checked.data
+    result = SolveResult(status=sol.status, iterations=sol.iterations, rel_residual=sol.max_rel_residual,
+                         seconds=round(seconds, 3), message=sol.message, solver=cfg.solver, n=ds.n,
+                         classes=ds.num_classes, reg=cfg.reg, reg_scale=cfg.reg_scale,
+                         reg_effective=checked.reg_effective, **details)
+    if not sol.converged:
         log.error("solve did not converge: %s", sol.message)
-    return summary
+        return dataclasses.replace(result, message=sol.message + " No model was written.")
+    write_model(cfg.out, sol.x, store=checked.store, data=ds, summary=result.to_json(), tol=cfg.tol)
+    return dataclasses.replace(result, out=cfg.out)
 
 
 def write_model(out: str, alpha: np.ndarray, *, store: GramStore, data: DatasetStore, summary: dict[str, Any],
@@ -411,58 +418,73 @@ def nested_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.asarray(order, np.int64)
 
 
-def curve(gram: str, data: str, cross: str, test: str, sizes: str | Sequence[int], *, reg: float = 1e-4,
-          reg_scale: str = "trace", seed: int = 0, tol: float = 1e-6, max_iter: int = 1000,
-          direct_max: int = 20000, progress: bool = True) -> dict[str, Any]:
+def curve(gram: str | None = None, data: str | None = None, cross: str | None = None, test: str | None = None,
+          sizes: str | Sequence[int] | None = None, config: CurveConfig | None = None, **overrides: Any) -> CurveResult:
     """Test accuracy of KRR on nested class-balanced subsets of the stored Gram (no kernel recomputation).
 
-    Each size n uses the first n rows of :func:`nested_order`; K[S, S] and K(test, S) are gathered from the
-    stores once for the largest size. Sizes up to ``direct_max`` use float64 Cholesky, larger ones Nyström PCG.
+    Settings: a :class:`CurveConfig`, or its fields as keyword arguments, or both (keywords win). Each size n
+    uses the first n rows of :func:`nested_order`; K[S, S] and K(test, S) are gathered from the stores once for
+    the largest size. Sizes up to ``direct_max`` use float64 Cholesky, larger ones Nyström PCG. A size whose
+    solve fails raises :class:`NotConvergedError`.
     """
+    given = {"gram": gram, "data": data, "cross": cross, "test": test, "sizes": sizes}
+    cfg = config_build(CurveConfig, config, {k: v for k, v in given.items() if v is not None} | overrides)
     t0 = time.perf_counter()
-    check_reg(reg, reg_scale)
-    CGOptions(tol=tol, max_iter=max_iter).validate()
-    ds, ts = open_dataset(data), open_dataset(test)
-    gs, cs = open_gram(gram), open_gram(cross)
+    config_validate(cfg)
+    CGOptions(tol=cfg.tol, max_iter=cfg.max_iter).validate()
+    ds, ts = open_dataset(cfg.data), open_dataset(cfg.test)
+    gs, cs = open_gram(cfg.gram), open_gram(cfg.cross)
     check_gram_for_data(gs, ds)
     check_cross(cs, ts, ds.fingerprint, ds.n, gs.attrs.get("spec"))
-    sizes_l = parse_sizes(sizes, ds.n)
-    order = nested_order(ds.labels, seed)[: sizes_l[-1]]
+    sizes_l = parse_sizes(cfg.sizes, ds.n)
+    order = nested_order(ds.labels, cfg.seed)[: sizes_l[-1]]
     with ZarrGramOperator(gs) as g_op, ZarrGramOperator(cs, psd=False) as c_op:
         k_full = g_op.submatrix(order, order)
         k_cross = c_op.submatrix(np.arange(ts.n), order)
-    out = curve_arrays(k_full, k_cross, ds.labels[order], ts.labels, ds.num_classes, sizes_l, reg=reg,
-                       reg_scale=reg_scale, seed=seed, tol=tol, max_iter=max_iter, direct_max=direct_max,
-                       progress=progress)
-    return out | {"seed": seed, "seconds": round(time.perf_counter() - t0, 3)}
+    out = curve_arrays(k_full, k_cross, ds.labels[order], ts.labels, ds.num_classes, sizes_l, reg=cfg.reg,
+                       reg_scale=cfg.reg_scale, seed=cfg.seed, tol=cfg.tol, max_iter=cfg.max_iter,
+                       direct_max=cfg.direct_max, progress=cfg.progress)
+    return dataclasses.replace(out, seed=cfg.seed, seconds=round(time.perf_counter() - t0, 3))
+
+
+def curve_solves(k_full: np.ndarray, y: np.ndarray, sizes: Sequence[int], *, reg: float, reg_scale: str = "trace",
+                 seed: int = 0, tol: float = 1e-6, max_iter: int = 1000, direct_max: int = 20000,
+                 progress: bool = False, desc: str = "curve") -> Iterator[tuple[int, np.ndarray, str]]:
+    """The learning-curve loop: for each size n (ascending), KRR on the first n rows of ``k_full`` (m, m) with
+    targets ``y`` (m, C); yields ``(n, alpha (n, C) float64, solver)``, solver "cholesky" up to ``direct_max``
+    rows, else "cg" (Nyström PCG). A failed solve raises :class:`NotConvergedError`."""
+    check_reg(reg, reg_scale)
+    for n in tqdm(sorted(sizes), desc=desc, disable=not progress):
+        k = k_full[:n, :n]
+        reg_eff = effective_reg(reg, reg_scale, float(np.trace(k)), n)
+        if n <= direct_max:
+            sol: Solution = cholesky_solve(k, y[:n], reg_eff)
+        else:
+            op = DenseOperator(k, symmetric=True, psd=True)
+            pre = build_preconditioner(PreconditionerSpec("nystrom", min(2000, n), seed=seed), op, reg_eff)
+            sol = cg(op.shift(reg_eff), y[:n], pre, CGOptions(tol=tol, max_iter=max_iter))
+        if not sol.converged:
+            raise NotConvergedError(f"curve: the solve at size {n} did not succeed ({sol.status}): {sol.message}")
+        yield n, sol.x, "cholesky" if n <= direct_max else "cg"
 
 
 def curve_arrays(k_full: np.ndarray, k_cross: np.ndarray, labels: np.ndarray, test_labels: np.ndarray,
                  num_classes: int, sizes: Sequence[int], *, reg: float = 1e-4, reg_scale: str = "trace",
                  seed: int = 0, tol: float = 1e-6, max_iter: int = 1000, direct_max: int = 20000,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False) -> CurveResult:
     """The learning curve of :func:`curve` on in-memory matrices: ``k_full`` (m, m) over training rows already in
     nested order, ``k_cross`` (n_test, m), their ``labels`` (m,) and ``test_labels`` (n_test,); for each size n,
     KRR on the first n rows, scored on every test row."""
     check_reg(reg, reg_scale)
     y_all = one_hot(labels, num_classes).astype(np.float64)
-    acc, mse, secs, how = [], [], [], []
-    for n in tqdm(sorted(sizes), desc="curve", disable=not progress):
+    result = CurveResult(sizes=sorted(sizes), reg=reg, reg_scale=reg_scale)
+    t = time.perf_counter()
+    for n, alpha, how in curve_solves(k_full, y_all, sizes, reg=reg, reg_scale=reg_scale, seed=seed, tol=tol,
+                                      max_iter=max_iter, direct_max=direct_max, progress=progress):
+        sc = label_scores(k_cross[:, :n] @ alpha, test_labels, num_classes)
+        result.accuracy.append(sc["accuracy"])
+        result.mse.append(sc["mse"])
+        result.solve_seconds.append(round(time.perf_counter() - t, 3))
+        result.solver.append(how)
         t = time.perf_counter()
-        k = k_full[:n, :n]
-        reg_eff = effective_reg(reg, reg_scale, float(np.trace(k)), n)
-        if n <= direct_max:
-            sol: Solution = cholesky_solve(k, y_all[:n], reg_eff)
-        else:
-            op = DenseOperator(k, symmetric=True, psd=True)
-            pre = build_preconditioner(PreconditionerSpec("nystrom", min(2000, n), seed=seed), op, reg_eff)
-            sol = cg(op.shift(reg_eff), y_all[:n], pre, CGOptions(tol=tol, max_iter=max_iter))
-        if not sol.converged:
-            raise NotConvergedError(f"curve: the solve at size {n} did not succeed ({sol.status}): {sol.message}")
-        sc = label_scores(k_cross[:, :n] @ sol.x, test_labels, num_classes)
-        acc.append(sc["accuracy"])
-        mse.append(sc["mse"])
-        secs.append(round(time.perf_counter() - t, 3))
-        how.append("cholesky" if n <= direct_max else "cg")
-    return {"sizes": sorted(sizes), "accuracy": acc, "mse": mse, "solve_seconds": secs, "solver": how,
-            "reg": reg, "reg_scale": reg_scale}
+    return result

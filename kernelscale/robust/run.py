@@ -184,17 +184,15 @@ def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Atta
     """Clean and robust accuracy of KRR on nested class-balanced subsets of a stored train Gram.
 
     The subsets and solves are those of :func:`kernelscale.krr.curve` (first n rows of
-    :func:`~kernelscale.krr.nested_order`, float64 Cholesky on K[S, S] read from the store); each subset's
+    :func:`~kernelscale.krr.nested_order`, the loop :func:`~kernelscale.krr.curve_solves` with float64 Cholesky
+    on K[S, S] read from the store; a failed solve raises NotConvergedError); each subset's
     predictor ``K(x, X_S) alpha_S`` is attacked through the analytic kernel on TEST's first ``limit`` rows.
     Returns per size: ``accuracy`` and, per attack, ``robust_accuracy`` and ``noise_accuracy``.
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     from kernelscale.gram.store import open_gram  # noqa: PLC0415
     from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
-    from kernelscale.krr import check_gram_for_data, check_reg, effective_reg, nested_order, parse_sizes  # noqa: PLC0415
+    from kernelscale.krr import check_gram_for_data, check_reg, curve_solves, nested_order, parse_sizes  # noqa: PLC0415
     from kernelscale.gram.operators import ZarrGramOperator  # noqa: PLC0415
-    from kernelscale.linalg import cholesky_solve  # noqa: PLC0415
 
     check_reg(reg, reg_scale)
     ds, ts = open_dataset(data), open_dataset(test)
@@ -214,12 +212,10 @@ def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Atta
     labels = ts.labels[:n_test]
     result: dict[str, Any] = {"sizes": sizes_l, "accuracy": [], "n_test": n_test, "reg": reg, "seed": seed,
                               "attacks": {a.describe(): {"robust_accuracy": [], "noise_accuracy": []} for a in attacks}}
-    for n in tqdm(sizes_l, desc="robust curve", disable=not progress):
-        k = k_full[:n, :n]
-        sol = cholesky_solve(k, y_all[:n], effective_reg(reg, reg_scale, float(np.trace(k)), n))
-        if not sol.converged:
-            raise StoreError(f"robust curve: the solve at size {n} failed ({sol.status}): {sol.message}")
-        predictor = KernelPredictor(kern, x_all[:n], sol.x.astype(np.float32), chunk)
+    solves = curve_solves(k_full, y_all, sizes_l, reg=reg, reg_scale=reg_scale, seed=seed, direct_max=sizes_l[-1],
+                          progress=progress, desc="robust curve")  # every size by float64 Cholesky
+    for n, alpha, _ in solves:
+        predictor = KernelPredictor(kern, x_all[:n], alpha.astype(np.float32), chunk)
         clean = None
         for a in attacks:
             rows = attack_rows(predictor, ts.affine.apply, pixels, labels, a, batch=batch, seed=attack_seed)
