@@ -17,7 +17,7 @@ from kernelscale.kip.store import open_distilled
 from kernelscale.kernels import parse_arch
 from kernelscale.kip.targets import TargetSampler, init_random
 from kernelscale.kip.run import distill
-from kernelscale.kip.sharding import RayPool, pair_kernel, sharded_sums, tiled_sums
+from kernelscale.kip.sharding import RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 
 
 def test_ray_sharded_and_tiled_steps_equal_single_process(mnist_small, ray_local):
@@ -111,3 +111,24 @@ def test_gram_init_floor_and_ceiling_from_a_computed_gram(mnist_small, ray_local
     ceiling = np.mean(np.argmax(k_va @ np.linalg.solve(full, y), 1) == val.labels)
     assert s["full_krr_ceiling"]["val_accuracy"] == pytest.approx(ceiling, abs=0.011)
     assert s["full_krr_ceiling"]["val_accuracy"] > s["label_solve_floor"]["val_accuracy"]
+
+
+def test_kss_tiles_compile_once_per_tile_shape_and_equal_kip_step_tiles(mnist_small):
+    """A worker's K_ss tiles and their vjp equal kip.step's per-tile functions (the reference), and compile once per
+    tile shape: 6 tiles of a 20-image support in tiles of 7 have 2 diagonal and 2 off-diagonal shapes."""
+    data = open_dataset(mnist_small["train"])
+    spec = parse_arch("fc:depth=2", "ntk")
+    worker = ShardWorker(mnist_small["train"], spec.canonical(), lr=0.01, reg=1e-3, learn_labels=True, batch=20, seed=0)
+    x_s = data.take(init_random(data, 2, seed=0))
+    tiles = kipmod.tile_pairs(len(x_s), 7)
+    cot = np.random.default_rng(0).standard_normal((len(x_s), len(x_s))).astype(np.float32)
+    got = worker.kss_tiles(x_s, tiles)
+    grad = worker.kss_vjp(x_s, tiles, cot)
+    kernel = pair_kernel(spec)
+    for bounds, tile in zip(tiles, got):
+        np.testing.assert_allclose(tile, kipmod.kss_tile(kernel, x_s, bounds), rtol=1e-6, atol=1e-7)
+    ref = sum(np.asarray(kipmod.kss_tile_vjp(kernel, x_s, b, cot)) for b in tiles)
+    np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+    assert len(tiles) == 6
+    assert worker._block_sym._cache_size() == 2 and worker._block._cache_size() == 2
+    assert worker._block_sym_vjp._cache_size() == 2 and worker._block_vjp._cache_size() == 2
