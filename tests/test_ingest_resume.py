@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from kernelscale import data as datamod
-from kernelscale.data import ArraySource, ingest, open_dataset, partial_path
+from kernelscale.data import ingestion
+from kernelscale.data import AffineMap, ArraySource, ingest, open_dataset, partial_path
 from kernelscale.errors import InputError
 
 N = 9000  # 8x8x1 rows: 4,096 rows per chunk and per block, so three blocks
@@ -84,7 +84,7 @@ def test_stopped_after_the_statistics_continues_without_recomputing_them(tmp_pat
     whole, cut = str(tmp_path / "whole.zarr"), str(tmp_path / "cut.zarr")
     ingest(src, whole, preprocess="standardize", store_dtype="float16", progress=False)
     calls = {"apply": 0}
-    original = datamod.AffineMap.apply
+    original = AffineMap.apply
 
     def apply_then_stop(self, pixels):
         calls["apply"] += 1
@@ -93,11 +93,11 @@ def test_stopped_after_the_statistics_continues_without_recomputing_them(tmp_pat
         return original(self, pixels)
 
     with monkeypatch.context() as m:
-        m.setattr(datamod.AffineMap, "apply", apply_then_stop)
+        m.setattr(AffineMap, "apply", apply_then_stop)
         with pytest.raises(KeyboardInterrupt):
             ingest(src, cut, preprocess="standardize", store_dtype="float16", progress=False)
     reads = _Reads(monkeypatch)
-    monkeypatch.setattr(datamod, "compute_statistics", lambda *a, **k: pytest.fail("statistics computed again"))
+    monkeypatch.setattr(ingestion, "compute_statistics", lambda *a, **k: pytest.fail("statistics computed again"))
     ingest(src, cut, preprocess="standardize", store_dtype="float16", progress=False)
     assert reads.rows == 0 and _same(_content(cut), _content(whole))
 

@@ -19,8 +19,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from kernelscale.data import AffineMap
 from kernelscale.errors import InputError
 from kernelscale.kernels import KernelSpec
@@ -65,19 +63,10 @@ class AdversarialTargets:
 
     # -- traceable pieces -------------------------------------------------------------------------------
     def to_pixels(self, inputs: Any) -> Any:
-        """Inverse of the affine map, traceable (pixels, clipped to [0, 1])."""
+        """Model inputs back to pixels (:meth:`AffineMap.invert`, traceable), clipped to [0, 1]."""
         import jax.numpy as jnp  # noqa: PLC0415
 
-        a = self.affine
-        if a.mean is None:
-            pixels = inputs
-        elif a.matrix is not None:
-            n, shape = inputs.shape[0], inputs.shape[1:]
-            inv = np.linalg.inv(a.matrix.astype(np.float64)).astype(np.float32)
-            pixels = (inputs.reshape(n, -1) @ inv + a.mean).reshape((n, *shape))
-        else:
-            pixels = inputs / a.scale + a.mean
-        return jnp.clip(pixels, 0.0, 1.0)
+        return jnp.clip(self.affine.invert(inputs, traceable=True), 0.0, 1.0)
 
     def __call__(self, state: Any, x_t: Any, y_t: Any) -> tuple[Any, Any]:
         import jax  # noqa: PLC0415
