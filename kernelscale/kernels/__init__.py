@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kernelscale.errors import InputError
+from kernelscale.kernels.source import CallableKernel, KernelSource, traced_bytes_per_pair
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,22 @@ class KernelSpec:
 
     def with_kernel(self, kernel: str) -> "KernelSpec":
         return KernelSpec(self.arch, dict(self.params), _check_kernel(kernel))
+
+    # -- KernelSource (kernelscale.kernels.source) ----------------------------------------------------------
+    def block_fn(self) -> Callable[[Any, Any], Any]:
+        """The jitted ``f(x1, x2) -> (n1, n2)`` of this spec's kernel (:func:`pairwise`)."""
+        return pairwise(self)
+
+    def bytes_per_pair(self, input_shape: tuple[int, ...]) -> int:
+        """Peak bytes per pair of one kernel call: known for built-in kernels (:func:`bytes_per_pair`), measured
+        from the traced program for user code (:func:`~kernelscale.kernels.source.traced_bytes_per_pair`)."""
+        if self.arch == "code":
+            return traced_bytes_per_pair(self.block_fn(), input_shape)
+        return bytes_per_pair(self, input_shape)
+
+    def fixed_bytes(self, input_shape: tuple[int, ...]) -> int:
+        """Working bytes of one kernel call that do not grow with its pairs (:func:`fixed_bytes`)."""
+        return 0 if self.arch == "code" else fixed_bytes(self, input_shape)
 
 
 def _check_kernel(kernel: str) -> str:
