@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any, Iterator
 
+from kernelscale._compat import RAY_TOKEN_LOGGER, ray_single_machine_mode
 from kernelscale.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
     return {"address": ray.get_runtime_context().gcs_address, "started_local": True}
 
 
-RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 class _DropTokenNotice(logging.Filter):
@@ -195,14 +195,8 @@ def _init_loopback(ray: Any, **kwargs: Any) -> None:
     ``ray_constants.ENABLE_RAY_CLUSTER`` while it picks the node IP. We switch that mode on for the duration
     of the call only; the started processes receive 127.0.0.1 explicitly.
     """
-    from ray._private import ray_constants  # noqa: PLC0415
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with ray_single_machine_mode():
         ray.init(_node_ip_address="127.0.0.1", **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def cluster_slots(gpus_per_worker: float = 0.0) -> int:

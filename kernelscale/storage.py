@@ -17,8 +17,8 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
-from zarr.core.sync import sync
 
+from kernelscale._compat import zarr_chunk_prefix, zarr_get_bytes, zarr_sync
 from kernelscale.errors import InputError, KernelscaleError, StoreError
 
 log = logging.getLogger(__name__)
@@ -258,8 +258,6 @@ def members(group: zarr.Group, path: str) -> dict[str, dict[str, Any]]:
     """Raw metadata of every member below ``group`` (recursing into subgroups, not into arrays' chunks):
     relative name (``gram``, ``preprocess/mean``) -> parsed ``zarr.json``. One listing and one read per node;
     zarr does not parse anything here (an unknown codec must not fail with zarr's own errors)."""
-    from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
-
     store = group.store_path.store
     base = group.store_path.path
 
@@ -271,16 +269,16 @@ def members(group: zarr.Group, path: str) -> dict[str, dict[str, Any]]:
     while todo:
         rel = todo.pop()
         prefix = "/".join(p for p in (base, rel) if p)
-        for child in sync(_children(prefix)):
+        for child in zarr_sync(_children(prefix)):
             if child == "zarr.json":
                 continue
             name = f"{rel}/{child}" if rel else child
             key = f"{prefix}/{child}/zarr.json" if prefix else f"{child}/zarr.json"
-            buf = sync(store.get(key, prototype=default_buffer_prototype()))
-            if buf is None:
+            raw = zarr_get_bytes(store, key)
+            if raw is None:
                 continue
             try:
-                meta = json.loads(buf.to_bytes().decode())
+                meta = json.loads(raw.decode())
                 if not isinstance(meta, dict):
                     raise ValueError("not a JSON object")
             except (ValueError, UnicodeDecodeError) as exc:
@@ -401,19 +399,19 @@ def checksummed_array(
 def chunk_exists(array: zarr.Array, coords: Iterable[int]) -> bool:
     """Whether the chunk at chunk-grid ``coords`` has been written (never trust the fill value)."""
     key = array.metadata.encode_chunk_key(tuple(coords))
-    return bool(sync(array.store_path.store.exists(f"{array.store_path.path}/{key}")))
+    return bool(zarr_sync(array.store_path.store.exists(f"{array.store_path.path}/{key}")))
 
 
 def list_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
     """Chunk-grid coordinates of every written chunk (one listing, no reads)."""
-    prefix = f"{array.store_path.path}/c/"
+    prefix = zarr_chunk_prefix(array)
     store = array.store_path.store
 
     async def _list() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
     out = set()
-    for key in sync(_list()):
+    for key in zarr_sync(_list()):
         parts = key[len(prefix):].split("/")
         try:
             out.add(tuple(int(p) for p in parts))
@@ -424,4 +422,4 @@ def list_chunks(array: zarr.Array) -> set[tuple[int, ...]]:
 
 def delete_chunk(array: zarr.Array, coords: Iterable[int]) -> None:
     key = array.metadata.encode_chunk_key(tuple(coords))
-    sync(array.store_path.store.delete(f"{array.store_path.path}/{key}"))
+    zarr_sync(array.store_path.store.delete(f"{array.store_path.path}/{key}"))

@@ -16,6 +16,8 @@ from typing import Any
 
 import zarr
 
+from kernelscale._compat import zarr_buffer, zarr_get_bytes, zarr_sync
+
 PROGRESS_GROUP = "_progress"
 INTERVAL_SECONDS = 2.0
 
@@ -26,14 +28,11 @@ def _key(group: zarr.Group) -> str:
 
 def read_progress(group: zarr.Group) -> dict[str, Any] | None:
     """The last progress record of the store's driver, or None (never written, or unreadable)."""
-    from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
-    from zarr.core.sync import sync  # noqa: PLC0415
-
-    buf = sync(group.store.get(_key(group), prototype=default_buffer_prototype()))
-    if buf is None:
+    raw = zarr_get_bytes(group.store, _key(group))
+    if raw is None:
         return None
     try:
-        record = json.loads(buf.to_bytes().decode())["attributes"]["progress"]
+        record = json.loads(raw.decode())["attributes"]["progress"]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError):
         return None
     return record if isinstance(record, dict) else None
@@ -73,13 +72,9 @@ class ProgressWriter:
         self._write()
 
     def _write(self) -> None:
-        from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
-        from zarr.core.sync import sync  # noqa: PLC0415
-
         meta = {"zarr_format": 3, "node_type": "group", "attributes": {"progress": self.record}}
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
         try:
-            sync(self.group.store.set(_key(self.group), buf))
+            zarr_sync(self.group.store.set(_key(self.group), zarr_buffer(json.dumps(meta).encode())))
         except OSError:  # a full disk or a flaky object store must not stop the computation for a status line
             return
         self.last_write = time.monotonic()
