@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from kernelscale import data as datamod
+from kernelscale.data import ingestion
 from kernelscale.data import ingest, open_dataset
 from kernelscale.kip.targets import ChunkPlan, TargetSampler, sampling_mode, spread
 from kernelscale.kip.augment import TargetAugment
@@ -25,7 +25,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     src = root / "src.npz"
     np.savez(src, images=rng.integers(0, 256, (2000, 8, 8, 1), dtype=np.uint8), labels=rng.permutation(2000) % 10)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(datamod, "CHUNK_BYTES", ROWS_PER_CHUNK * ROW_BYTES)
+        m.setattr(ingestion, "CHUNK_BYTES", ROWS_PER_CHUNK * ROW_BYTES)
         ingest(str(src), str(root / "d.zarr"), progress=False)
     return str(root / "d.zarr")
 
@@ -171,7 +171,7 @@ def test_ingest_shuffle_spreads_class_sorted_rows_so_chunk_batches_see_every_cla
     np.savez(tmp_path / "src.npz", images=images, labels=labels)
     stores = {}
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(datamod, "CHUNK_BYTES", ROWS_PER_CHUNK * ROW_BYTES)
+        m.setattr(ingestion, "CHUNK_BYTES", ROWS_PER_CHUNK * ROW_BYTES)
         for shuffle in (False, True):
             stores[shuffle] = open_dataset(ingest(str(tmp_path / "src.npz"), str(tmp_path / f"{shuffle}.zarr"),
                                                   shuffle=shuffle, seed=4, progress=False)["path"])
