@@ -21,6 +21,7 @@ from kernelscale.linalg import (
     nystrom_uniform,
     rpcholesky,
 )
+from kernelscale.linalg.cg import API_NAMES, FLAG_NAMES
 from krr_helpers import spd_matrix
 
 
@@ -223,3 +224,6 @@ def test_not_converged_fix_names_python_parameters(rng):
     assert sol.status == "max_iterations" and "--" not in sol.fix
     assert "max_iter" in sol.fix and "checkpoint_path/resume_from" in sol.fix and "reg" in sol.fix
     assert "--max-iter" in sol.message and "--checkpoint/--resume" in sol.message  # the CLI's words
+    assert sol.in_words(FLAG_NAMES) == sol.message
+    api = sol.in_words(API_NAMES)
+    assert "--" not in api and "reached max_iter 3 " in api and api.endswith(sol.fix)

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -83,10 +83,15 @@ class Solution:
     products: int = 0  # operator products (mm calls), incl. true-residual checks
     operator_seconds: float = 0.0
     fix: str = ""  # what to change when not converged, naming the Python parameters (max_iter, reg, ...)
+    template: str = field(default="", repr=False)  # the message with parameter names as {fields} (see in_words)
 
     @property
     def converged(self) -> bool:
         return self.status == "converged"
+
+    def in_words(self, names: Mapping[str, str]) -> str:
+        """The message with the parameters named by ``names`` (e.g. ``API_NAMES`` or a command line's flags)."""
+        return self.template.format_map(names) if self.template else self.message
 
     @property
     def max_rel_residual(self) -> float:
@@ -332,11 +337,11 @@ def cg(
     if options.checkpoint_path:
         st.save(options.checkpoint_path)
     st.col[~np.isfinite(st.x).all(axis=0)] = NON_FINITE
-    status, message, fix = _verdict(st, options)
+    status, message, fix, template = _verdict(st, options)
     x = st.x[:, 0] if vector else st.x
     sol = Solution(x, status, message, st.iteration, st.true_rel.copy(), list(st.history),
                    time.perf_counter() - t0, [STATUS_NAMES[int(c)] for c in st.col], counted.products,
-                   counted.seconds, fix)
+                   counted.seconds, fix, template)
     log.info("CG %s after %d iterations, max rel residual %.3g, %.2f s", status, sol.iterations,
              sol.max_rel_residual, sol.seconds)
     return sol
@@ -366,10 +371,10 @@ FLAG_NAMES = {
 }
 
 
-def _verdict(st: CGState, options: CGOptions) -> tuple[str, str, str]:
-    """(status, message in FLAG_NAMES words, fix-it in API_NAMES words) of a finished solve."""
+def _verdict(st: CGState, options: CGOptions) -> tuple[str, str, str, str]:
+    """(status, message in FLAG_NAMES words, fix-it in API_NAMES words, message template) of a finished solve."""
     status, what, fix = _advice(st, options)
-    return status, (what + fix).format_map(FLAG_NAMES), fix.format_map(API_NAMES).strip()
+    return status, (what + fix).format_map(FLAG_NAMES), fix.format_map(API_NAMES).strip(), what + fix
 
 
 def _advice(st: CGState, options: CGOptions) -> tuple[str, str, str]:
