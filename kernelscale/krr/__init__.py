@@ -45,6 +45,7 @@ from kernelscale.linalg import (
     cg,
     cholesky_solve,
 )
+from kernelscale.linalg.ridge import ridge
 from kernelscale.krr.config import OPERATORS, REG_SCALES, SOLVERS, CurveConfig, SolveConfig
 from kernelscale.krr.results import CurveResult, SolveResult
 
@@ -66,8 +67,9 @@ def check_reg(reg: float, reg_scale: str) -> None:
 
 
 def effective_reg(reg: float, reg_scale: str, trace: float, n: int) -> float:
-    """The value added to the diagonal: reg * trace / n (``trace``) or reg (``absolute``)."""
-    return float(reg * trace / max(n, 1)) if reg_scale == "trace" else float(reg)
+    """The value added to the diagonal: reg * trace / n (``trace``) or reg (``absolute``), see
+    :func:`kernelscale.linalg.ridge.ridge`."""
+    return float(ridge(reg, trace, n, reg_scale))
 
 
 def check_gram_for_data(store: GramStore, data: DatasetStore) -> None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from kernelscale.config import at_least, non_negative, option
 from kernelscale.linalg.preconditioners import LANDMARKS, RESIDUALS
+from kernelscale.linalg.ridge import RIDGE_SCALES
 
-REG_SCALES = ("trace", "absolute")
+REG_SCALES = RIDGE_SCALES
 SOLVERS = ("cg", "cholesky")
 OPERATORS = ("zarr", "memory", "ray")
 
