@@ -70,7 +70,12 @@ class CGOptions:
 
 @dataclass
 class Solution:
-    """Result of a solve: ``x`` (N, k) float64 and how it ended."""
+    """Result of a solve: ``x`` (N, k) float64 and how it ended.
+
+    ``status``: converged, max_iterations, breakdown or non_finite. ``message``: what happened and what to
+    change, in the words ``kernelscale solve`` prints (FLAG_NAMES); ``fix``: what to change, naming the Python
+    parameters (API_NAMES; "" when converged); ``in_words(names)``: the message for any other vocabulary.
+    """
 
     x: np.ndarray
     status: str
