@@ -6,15 +6,16 @@ Flow (driver):
    compute (``overwrite`` replaces it);
 3. take the driver lock (:class:`~kernelscale.gram.store.GramLock`), list the tiles already present
    (one store listing) and plan the rest (:class:`~kernelscale.gram.plan.TilePlan`);
-4. start one actor per worker slot and feed them tiles with ``ray.wait`` (two in flight per actor);
+4. describe the run as one :class:`~kernelscale.gram.job.GramJob`, start one actor per worker slot and feed
+   them tiles with ``ray.wait`` (two in flight per actor);
 5. record the run's timing in the store's attributes and return a small summary.
 
-Workers (:class:`GramWorker`) build the jitted kernel once, read their row blocks from the dataset store
-themselves (an LRU cache of blocks, padded to the kernel-call size so every call has one shape and XLA
-compiles once), compute a tile as a grid of ``s x s`` kernel calls that fit the memory budget (only the
-upper half of diagonal tiles, mirrored exactly), and write the tile into the store. Tiles never pass through
-the driver. Writes are whole chunks, atomic and idempotent, so a killed actor (restarted by Ray, its task
-retried) or a killed driver (rerun: only missing tiles are computed) never leaves a wrong matrix.
+Workers (:class:`~kernelscale.gram.worker.GramWorker`) build the jitted kernel once, read their row blocks
+from the dataset store themselves, compute a tile as a grid of ``s x s`` kernel calls that fit the memory
+budget (the kernel's bytes per pair: :class:`~kernelscale.kernels.source.KernelSource`), and write the tile
+into the store. Tiles never pass through the driver. Writes are whole chunks, atomic and idempotent, so a
+killed actor (restarted by Ray, its task retried) or a killed driver (rerun: only missing tiles are computed)
+never leaves a wrong matrix.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ import json
 import logging
 import os
 import re
-import socket
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -34,16 +32,16 @@ import numpy as np
 from kernelscale import kernels, storage
 from kernelscale.data import DatasetStore, open_dataset
 from kernelscale.errors import InputError, KernelscaleError, StoreError
-from kernelscale.gram.store import (LOCK_GROUP, GramLock, GramStore, TileGrid, create_gram, gram_fingerprint, open_gram,
-                         reset_gram)
+from kernelscale.gram.job import GramJob, canonical_json
+from kernelscale.gram.plan import MAX_TILE, MIN_TILE, default_sub_block  # noqa: F401 - re-exported (callers, tests)
+from kernelscale.gram.plan import TileGrid, TilePlan, check_tile, default_tile, sub_block_size, tile_entries
 from kernelscale.gram.progress import ProgressWriter, live_rate, read_progress
-from kernelscale.gram.plan import TilePlan, sub_block_size, sub_blocks, tile_entries
+from kernelscale.gram.store import LOCK_GROUP, GramLock, GramStore, create_gram, gram_fingerprint, open_gram, reset_gram
+from kernelscale.gram.worker import GramWorker, block_kernel, export_kernel
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float64")
-MAX_TILE = 4096
-MIN_TILE = 256
 IN_FLIGHT_PER_WORKER = 2
 BUDGET_FRACTION = 0.4  # default memory budget: this fraction of available RAM, shared by the node's workers
 RUNS_KEPT = 20  # per-run timing records kept in the store's attributes
@@ -79,48 +77,6 @@ def default_memory_budget(actors: int) -> int:
     return int(BUDGET_FRACTION * available_memory() / max(1, actors))
 
 
-def default_tile(n: int, m: int, symmetric: bool) -> int:
-    """Tile side: at most 4096, at least 4 tile bands along the longer side (min 256), and balanced.
-
-    The bands are made equal (10,000 rows give 5 tiles of 2000, not 4 of 2048 and one of 1808), rounded up to
-    a multiple of 8, so edge tiles waste no padded kernel work; never longer than the matrix (a 12-row dataset
-    gets one 12 x 12 tile).
-    """
-    length = max(n, m, 1)
-    cap = MAX_TILE
-    while cap > MIN_TILE and -(-length // cap) < 4:
-        cap //= 2
-    bands = -(-length // cap)
-    tile = -(-length // bands)
-    return min(length, max(8, tile + (-tile % 8)))
-
-
-def default_sub_block(tile: int, symmetric: bool) -> int:
-    """Kernel-call side for a tile, before the memory cap: half a tile for symmetric Grams (tile >= 512).
-
-    A diagonal tile then takes 3 calls instead of the 4 a whole-tile call costs (the lower half is mirrored);
-    calls of 1000 x 1000 pairs run at the same cost per entry as 2000 x 2000 here (measured, fc NTK).
-    """
-    if symmetric and tile >= 512:
-        half = -(-tile // 2)
-        return half + (-half % 8)
-    return tile
-
-
-def check_tile(tile: int, n: int, m: int, dtype: str) -> None:
-    """Refuse a tile side below 1, above the matrix's longer side, or whose tile buffers (three per worker: the
-    tile computed, the one being written, the store's encode copy) exceed the available memory."""
-    if not isinstance(tile, (int, np.integer)) or tile < 1:
-        raise InputError(f"--tile must be an integer >= 1, got {tile}")
-    if tile > max(n, m, 8):  # (the default tile is a multiple of 8, at least 8)
-        raise InputError(f"--tile {tile} is larger than the matrix ({n} x {m}); use --tile {max(n, m)} or less "
-                         "(or leave it out for the default)")
-    need = 3 * tile * tile * np.dtype(dtype).itemsize
-    if need > available_memory():
-        raise InputError(f"--tile {tile} needs {need / 2**30:.1f} GiB per worker for its tile buffers but "
-                         f"{available_memory() / 2**30:.1f} GiB are available; use a smaller --tile")
-
-
 def _claim_store(out: str, overwrite: bool) -> GramLock:
     """The driver lock of the Gram store at ``out``, taken before anything is created in it.
 
@@ -140,24 +96,16 @@ def _claim_store(out: str, overwrite: bool) -> GramLock:
     return GramLock(group, path=out).acquire()
 
 
-def _spec_and_fn(spec_or_kernel_fn: Any, kernel_id: str | None, get: str) -> tuple[dict[str, Any], Any]:
-    """(spec JSON, thing the worker builds its kernel from): a KernelSpec or a user kernel_fn callable."""
+def _kernel_source(spec_or_kernel_fn: Any, kernel_id: str | None, get: str) -> kernels.KernelSource:
+    """The run's kernel: a KernelSpec (checked like one read from a store) or a user kernel_fn callable."""
     if isinstance(spec_or_kernel_fn, kernels.KernelSpec):
         if spec_or_kernel_fn.arch == "code" and not kernels.code_allowed(spec_or_kernel_fn):
             kernels.load_spec(spec_or_kernel_fn.to_json(), where="compute_gram's spec")  # raises: needs allow_code
-        return spec_or_kernel_fn.to_json(), None
+        return spec_or_kernel_fn
     if isinstance(spec_or_kernel_fn, (str, dict)):
-        spec = kernels.load_spec(spec_or_kernel_fn, where="compute_gram's spec")
-        return spec.to_json(), None
+        return kernels.load_spec(spec_or_kernel_fn, where="compute_gram's spec")
     if callable(spec_or_kernel_fn):
-        if not kernel_id:
-            raise InputError(
-                "compute_gram with a kernel_fn callable needs kernel_id='a-name-for-this-kernel': it enters the "
-                "Gram's fingerprint, so a resumed run can tell whether the kernel is the same"
-            )
-        if get not in kernels.KERNELS:
-            raise InputError(f"get must be one of {', '.join(kernels.KERNELS)}, got {get!r}")
-        return {"arch": "callable", "params": {"kernel_id": str(kernel_id)}, "kernel": get}, spec_or_kernel_fn
+        return kernels.CallableKernel(spec_or_kernel_fn, str(kernel_id) if kernel_id else "", get)
     raise InputError(f"expected a KernelSpec (kernelscale.parse_arch) or a kernel_fn(x1, x2, get) callable, got {type(spec_or_kernel_fn).__name__}")
 
 
@@ -168,23 +116,6 @@ def _open_data(data: str | DatasetStore, what: str) -> DatasetStore:
     store.check_rows()  # NaN/Inf or corrupt rows are refused before any compute
     store.check_content()  # rows edited behind the fingerprint's back are refused too (sampled chunks)
     return store
-
-
-def _bytes_per_pair(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> int:
-    arch = spec_json["arch"]
-    spec = kernels.KernelSpec("code" if arch == "callable" else arch, dict(spec_json.get("params", {})),
-                              spec_json.get("kernel", "ntk"))
-    kernels.check_input_shape(spec, input_shape)
-    return kernels.bytes_per_pair(spec, input_shape)
-
-
-def _fixed_bytes(spec_json: dict[str, Any], input_shape: tuple[int, ...]) -> int:
-    """A worker's kernel working set that does not grow with the kernel call (native kernels' streamed steps)."""
-    arch = spec_json["arch"]
-    if arch in ("callable", "code"):
-        return 0
-    return kernels.fixed_bytes(kernels.KernelSpec(arch, dict(spec_json.get("params", {})),
-                                                  spec_json.get("kernel", "ntk")), input_shape)
 
 
 def _describe_mismatch(attrs: dict[str, Any], want: dict[str, Any]) -> list[str]:
@@ -207,158 +138,6 @@ def _describe_mismatch(attrs: dict[str, Any], want: dict[str, Any]) -> list[str]
     if list(attrs.get("shape", [])) != list(want["shape"]):
         diffs.append(f"shape (store {attrs.get('shape')}, requested {want['shape']})")
     return diffs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Worker (a Ray actor)
-# ----------------------------------------------------------------------------------------------------------
-
-
-class GramWorker:
-    """Computes tiles of one Gram store. One per worker slot; holds the jitted kernel and a row-block cache.
-
-    I/O overlaps compute on one background thread: the column block of the likely next tile (same row band,
-    next column) is read while this tile is computed, and a finished tile is written while the next one is
-    computed. At most one write is pending; :meth:`flush` waits for it. A write lost with a killed actor is
-    found by the driver's end-of-run listing and recomputed.
-    """
-
-    def __init__(self, config: dict[str, Any], kernel_callable: Any = None):
-        self.config = config
-        self.kernel_callable = kernel_callable
-        self.store: GramStore | None = None
-        self.fn: Callable | None = None
-        self.cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self.s = int(config["sub_block"])
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gram-io")
-        self.pending_write: Future | None = None
-        self.prefetched: dict[tuple[str, int], Future] = {}
-        self.write_seconds = 0.0  # background write time not yet reported
-        self.kernel_blob: bytes | None = None
-        self.sym_fn: Callable | None = None  # x -> K(x, x), each unordered pair once (native kernels)
-
-    def load_kernel(self, blob: bytes | None) -> None:
-        """Use the driver's serialised kernel (see :func:`kernels.export_block_kernel`) instead of tracing."""
-        self.kernel_blob = blob
-
-    def _setup(self) -> None:
-        import jax  # noqa: PLC0415
-
-        cfg = self.config
-        if cfg["dtype"] == "float64":
-            jax.config.update("jax_enable_x64", True)
-        self.store = open_gram(cfg["out"], "r+")
-        self.data = {"rows": open_dataset(cfg["data"])}
-        self.data["cols"] = open_dataset(cfg["against"]) if cfg["against"] else self.data["rows"]
-        native_spec = _native_spec(cfg, self.kernel_callable)
-        if native_spec is not None:  # kernelscale's own kernels: block calls and symmetric diagonal calls
-            self.fn, self.sym_fn = kernels.gram_calls(native_spec, cfg["dtype"])
-        elif self.kernel_blob is not None:  # a compiled program: no user code is imported here
-            self.fn = kernels.load_block_kernel(self.kernel_blob)
-        else:
-            if cfg.get("allow_code"):  # the driver was given --allow-code: re-check the source hash here too
-                kernels.load_spec(cfg["spec"], allow_code=True, where=cfg["out"])
-            self.fn = _block_kernel(cfg, self.kernel_callable)
-
-    def _key(self, which: str, index: int) -> tuple[str, int]:
-        return ("rows" if which == "rows" or not self.config["against"] else "cols", index)
-
-    def _read(self, which: str, index: int) -> np.ndarray:
-        """Rows of tile band ``index`` of the row (``rows``) or column (``cols``) data, padded to a multiple of
-        the kernel-call size by repeating the last row (padding never produces NaN)."""
-        data = self.data[which]
-        t = self.config["tile"]
-        x = data.rows(index * t, min(data.n, (index + 1) * t))
-        pad = -len(x) % self.s
-        if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-        return x
-
-    def _block(self, which: str, index: int) -> list[Any]:
-        """Band ``index`` as device arrays of ``s`` rows each, from the cache, a finished prefetch, or read now."""
-        import jax.numpy as jnp  # noqa: PLC0415
-
-        key = self._key(which, index)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        future = self.prefetched.pop(key, None)
-        x = future.result() if future is not None else self._read(which, index)
-        # one device array per kernel call's rows: no slicing op per call
-        value = [jnp.asarray(x[a : a + self.s], dtype=self.config["dtype"]) for a in range(0, len(x), self.s)]
-        self.cache[key] = value
-        while len(self.cache) > self.config["cache_blocks"]:
-            self.cache.popitem(last=False)
-        return value
-
-    def _prefetch(self, which: str, index: int) -> None:
-        key = self._key(which, index)
-        bands = -(-self.data[which].n // self.config["tile"])
-        if 0 <= index < bands and key not in self.cache and key not in self.prefetched:
-            self.prefetched = {key: self.io.submit(self._read, which, index)}  # only the latest guess is kept
-
-    def _write(self, i: int, j: int, values: np.ndarray) -> float:
-        assert self.store is not None
-        t = time.perf_counter()
-        self.store.write_tile(i, j, values)
-        return time.perf_counter() - t
-
-    def _wait_write(self) -> None:
-        """Wait for the pending write; re-raises its error (disk full, non-finite values) here."""
-        if self.pending_write is not None:
-            future, self.pending_write = self.pending_write, None
-            self.write_seconds += future.result()
-
-    def compute(self, i: int, j: int) -> dict[str, Any]:
-        """Compute tile (i, j) and hand it to the background writer; returns a small status record."""
-        import ray  # noqa: PLC0415
-
-        t0 = time.perf_counter()
-        if self.fn is None:
-            self._setup()
-        assert self.store is not None and self.fn is not None
-        grid, s = self.store.grid, self.s
-        r0, r1, c0, c1 = grid.bounds(i, j)
-        nr, nc = r1 - r0, c1 - c0
-        diagonal = grid.symmetric and i == j
-        x1 = self._block("rows", i)
-        x2 = x1 if diagonal else self._block("cols", j)
-        # guess the next tile: the plan walks a row band left to right, then (symmetric) starts band i + 1
-        col_bands = -(-self.data["cols"].n // self.config["tile"])
-        if j + 1 < col_bands:
-            self._prefetch("cols", j + 1)
-        elif grid.symmetric:
-            self._prefetch("rows", i + 1)
-        t_read = time.perf_counter()
-        out = np.empty((nr, nc), self.config["dtype"])
-        for a, b in sub_blocks(nr, nc, s, diagonal):
-            ra, rb = min(s, nr - a), min(s, nc - b)
-            if diagonal and a == b and self.sym_fn is not None:
-                k = np.asarray(self.sym_fn(x1[a // s][:ra]))  # exactly symmetric, exact diagonal
-            else:
-                k = np.asarray(self.fn(x1[a // s], x2[b // s]))
-            if diagonal and a == b:
-                k = np.triu(k) + np.triu(k, 1).T  # exactly symmetric
-            out[a : a + ra, b : b + rb] = k[:ra, :rb]
-            if diagonal and a != b:
-                out[b : b + rb, a : a + ra] = k[:ra, :rb].T
-        t_kernel = time.perf_counter()
-        self._wait_write()
-        self.pending_write = self.io.submit(self._write, i, j, out)
-        t_write = time.perf_counter()
-        written, self.write_seconds = self.write_seconds, 0.0
-        return {"tile": (i, j), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "entries": nr * nc, "read_s": t_read - t0, "kernel_s": t_kernel - t_read,
-                "write_s": written, "stall_s": t_write - t_kernel}
-
-    def flush(self) -> dict[str, Any]:
-        """Wait for the pending write; returns the write time not yet reported."""
-        self._wait_write()
-        written, self.write_seconds = self.write_seconds, 0.0
-        return {"write_s": written}
-
-    def ping(self) -> str:
-        return socket.gethostname()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,7 +195,9 @@ def compute_gram(
     t_start = time.perf_counter()
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    spec_json, kernel_callable = _spec_and_fn(spec_or_kernel_fn, kernel_id, get)
+    source = _kernel_source(spec_or_kernel_fn, kernel_id, get)
+    spec_json = source.to_json()
+    kernel_callable = source.fn if isinstance(source, kernels.CallableKernel) else None
     rows = _open_data(data, "DATA")
     cols = _open_data(against, "--against") if against is not None else None
     if cols is not None and cols.input_shape != rows.input_shape:
@@ -427,7 +208,7 @@ def compute_gram(
     if tile is None:
         resume = not overwrite and storage.exists(out) and storage.store_kind(out) == "gram"
         tile = int(open_gram(out).tile) if resume else default_tile(n, m, symmetric)
-    check_tile(tile, n, m, dtype)
+    check_tile(tile, n, m, dtype, available_memory())
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     if max_tiles is not None and max_tiles < 0:
@@ -439,14 +220,18 @@ def compute_gram(
     if tiles is not None:
         selection = [(int(i), int(j)) for i, j in tiles]
         rows_t, cols_t = grid.shape
-        bad = [t for t in selection if not (0 <= t[0] < rows_t and 0 <= t[1] < cols_t and grid.stored(*t))]
+        bad = [t for t in selection if not grid.is_tile(*t)]
         if bad:
             raise InputError(f"tiles {bad[:5]} are not stored tiles of a {rows_t} x {cols_t} tile grid "
                              f"({'upper triangle i <= j' if symmetric else 'any i, j'})")
 
     # memory: the kernel's fixed working set plus one kernel call of s x s pairs must fit the per-worker budget
-    bpp = _bytes_per_pair(spec_json, rows.input_shape)
-    fixed = _fixed_bytes(spec_json, rows.input_shape)
+    if isinstance(source, kernels.KernelSpec):
+        kernels.check_input_shape(source, rows.input_shape)
+    if spec_json["arch"] in ("code", "callable"):  # before tracing it for its memory: a clear error first
+        check_kernel_output(spec_json, kernel_callable, rows.input_shape)
+    bpp = source.bytes_per_pair(rows.input_shape)
+    fixed = source.fixed_bytes(rows.input_shape)
     if dtype == "float64":
         bpp, fixed = 2 * bpp, 2 * fixed
     budget = int(memory_budget) if memory_budget else default_memory_budget(actors_per_node(workers, gpus_per_worker, len(grid)))
@@ -458,8 +243,6 @@ def compute_gram(
             "fewer --workers, or smaller images"
         )
 
-    if spec_json["arch"] in ("code", "callable"):
-        check_kernel_output(spec_json, kernel_callable, rows.input_shape)
     versions = kernels.versions()
     against_fp = cols.fingerprint if cols is not None else None
     fingerprint = gram_fingerprint(json.dumps(spec_json, sort_keys=True), dtype, rows.fingerprint, against_fp, versions)
@@ -489,17 +272,16 @@ def compute_gram(
         done = store.done_tiles()
         plan = TilePlan(grid, done=done, selection=selection, max_tiles=max_tiles)
         plan_seconds = time.perf_counter() - t_plan
-        config = {"out": out, "data": rows.path, "against": cols.path if cols is not None else None,
-                  "spec": spec_json, "dtype": dtype, "tile": tile, "sub_block": s, "cache_blocks": cache_blocks,
-                  "allow_code": spec_json["arch"] == "code",
-                  "input_shape": list(rows.input_shape)}
+        job = GramJob(out=out, data=rows.path, against=cols.path if cols is not None else None,
+                      spec=canonical_json(spec_json), dtype=dtype, tile=tile, sub_block=s, cache_blocks=cache_blocks,
+                      allow_code=spec_json["arch"] == "code", input_shape=tuple(rows.input_shape))
         log.info("%s: %d tiles, %d present, %d to compute (tile %d, kernel calls %d x %d, %.0f MiB budget)",
                  out, len(grid), len(done), plan.total, tile, s, s, budget / 2**20)
         planned = plan.tiles()
-        run = _run_workers(plan, grid, config, kernel_callable, workers, gpus_per_worker, address, progress)
+        run = _run_workers(plan, job, kernel_callable, workers, gpus_per_worker, address, progress)
         if run["tiles"]:
             _recompute_lost(planned, store, run, lambda missing: _run_workers(
-                TilePlan(grid, selection=missing), grid, config, kernel_callable, workers, gpus_per_worker,
+                TilePlan(grid, selection=missing), job, kernel_callable, workers, gpus_per_worker,
                 address, progress))
         seconds = time.perf_counter() - t_start
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
@@ -535,20 +317,13 @@ def compute_gram(
     }
 
 
-def _block_kernel(config: dict[str, Any], kernel_callable: Any) -> Callable[[Any, Any], Any]:
-    """The jitted ``f(x1, x2)`` of this run: the spec's kernel, or the user's ``kernel_fn`` with its ``get``."""
-    if kernel_callable is not None:
-        return kernels.pairwise(kernel_callable, config["spec"]["kernel"])
-    return kernels.pairwise(kernels.KernelSpec.from_json(config["spec"]))
-
-
 def check_kernel_output(spec_json: dict[str, Any], kernel_callable: Any, input_shape: tuple[int, ...]) -> None:
     """Trace a user kernel on blocks of 2 and 3 rows (shapes only, nothing computed) and refuse, before any
     compute, a kernel that does not return one number per pair of images."""
     import jax  # noqa: PLC0415
 
     what = spec_json.get("params", {}).get("target") or spec_json.get("params", {}).get("kernel_id") or "kernel_fn"
-    fn = _block_kernel({"spec": spec_json}, kernel_callable)
+    fn = block_kernel(spec_json, kernel_callable)
     try:
         out = jax.eval_shape(fn, jax.ShapeDtypeStruct((2, *input_shape), "float32"),
                              jax.ShapeDtypeStruct((3, *input_shape), "float32"))
@@ -564,25 +339,6 @@ def check_kernel_output(spec_json: dict[str, Any], kernel_callable: Any, input_s
             f"the kernel of {what} returns shape {shape} for 2 x 3 images of shape {tuple(input_shape)}; it must "
             "return one number per pair of images, (2, 3): end the network with a readout to one output "
             "(stax.Flatten() or stax.GlobalAvgPool(), then stax.Dense(1))")
-
-
-def _native_spec(config: dict[str, Any], kernel_callable: Any) -> kernels.KernelSpec | None:
-    """The run's spec when kernelscale has its own kernel for it (:mod:`kernelscale.kernels.native`), else None."""
-    from kernelscale.kernels import native  # noqa: PLC0415
-
-    if kernel_callable is not None or config["spec"].get("arch") in ("callable", "code"):
-        return None
-    spec = kernels.KernelSpec.from_json(config["spec"])
-    return spec if native.supports(spec) else None
-
-
-def _export_kernel(config: dict[str, Any], kernel_callable: Any) -> bytes | None:
-    """The block kernel of this run serialised for the actors, or None (float64, native kernels, which
-    actors build themselves in well under a second, or not exportable)."""
-    if config["dtype"] != "float32" or _native_spec(config, kernel_callable) is not None:
-        return None  # tracing float64 would need jax_enable_x64 in the driver process
-    return kernels.export_block_kernel(_block_kernel(config, kernel_callable), int(config["sub_block"]),
-                                       tuple(config["input_shape"]), config["dtype"])
 
 
 def _recompute_lost(planned: set[tuple[int, int]], store: GramStore, run: dict[str, Any],
@@ -638,7 +394,7 @@ def _abspath(path: str) -> str:
     return path if storage.is_url(path) else os.path.abspath(path)
 
 
-def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_callable: Any,
+def _run_workers(plan: TilePlan, job: GramJob, kernel_callable: Any,
                  workers: int | None, gpus_per_worker: float, address: str | None, progress: bool) -> dict[str, Any]:
     """Start the actors, feed them the plan with ray.wait, and collect status records."""
     result: dict[str, Any] = {"tiles": 0, "entries": 0, "nodes": {}, "workers": 0, "seconds": 0.0,
@@ -664,10 +420,10 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
     remote_cls = ray.remote(GramWorker)
     opts = runtime.actor_options(gpus_per_worker)
     callable_ref = ray.put(kernel_callable) if kernel_callable is not None else None
-    actors = [remote_cls.options(**opts).remote(config, callable_ref) for _ in range(n_workers)]
+    actors = [remote_cls.options(**opts).remote(job, callable_ref) for _ in range(n_workers)]
     result["workers"] = n_workers
     # trace the kernel once here while the actors start; each actor compiles the serialised program
-    blob_ref = ray.put(_export_kernel(config, kernel_callable))
+    blob_ref = ray.put(export_kernel(job, kernel_callable))
     for actor in actors:
         actor.load_kernel.remote(blob_ref)
     last_row: list[int | None] = [None] * n_workers
@@ -691,7 +447,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
             log.warning("worker lost before its last write was confirmed (%s); the listing check will tell", exc)
 
     bar = tqdm(total=plan.total, desc="gram", unit="tile", disable=not progress)
-    tracker = ProgressWriter(open_gram(config["out"], "r+").group, plan.total)  # read by `kernelscale status`
+    tracker = ProgressWriter(open_gram(job.out, "r+").group, plan.total)  # read by `kernelscale status`
     try:
         for _ in range(IN_FLIGHT_PER_WORKER):
             for k in range(n_workers):
@@ -710,7 +466,7 @@ def _run_workers(plan: TilePlan, grid: TileGrid, config: dict[str, Any], kernel_
                         raise KernelscaleError(f"tile {tile_ij} failed {failures[tile_ij]} times: {exc}") from exc
                     log.warning("tile %s lost (%s); rescheduling", tile_ij, exc)
                     plan.push_back(tile_ij)
-                    actors[k] = remote_cls.options(**opts).remote(config, callable_ref)
+                    actors[k] = remote_cls.options(**opts).remote(job, callable_ref)
                     actors[k].load_kernel.remote(blob_ref)
                     last_row[k] = None
                     submit(k)

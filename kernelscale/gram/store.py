@@ -18,14 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
 
 from kernelscale import storage
+from kernelscale._compat import zarr_buffer, zarr_get_bytes, zarr_sync
 from kernelscale.errors import StoreError
+from kernelscale.gram.plan import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -42,41 +43,6 @@ def gram_fingerprint(
         sort_keys=True,
     )
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """The tile plan of an (N, M) matrix with square tiles of side T; edge tiles are smaller."""
-
-    n: int
-    m: int
-    tile: int
-    symmetric: bool
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(row tiles, column tiles)."""
-        return (-(-self.n // self.tile), -(-self.m // self.tile))
-
-    def bounds(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """Row and column ranges (r0, r1, c0, c1) of tile (i, j)."""
-        t = self.tile
-        return i * t, min(self.n, (i + 1) * t), j * t, min(self.m, (j + 1) * t)
-
-    def stored(self, i: int, j: int) -> bool:
-        """Whether tile (i, j) is stored (symmetric stores keep only i <= j)."""
-        return not self.symmetric or i <= j
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """Stored tiles in row-major order (generated lazily: 49,000+ tiles cost no memory)."""
-        rows, cols = self.shape
-        for i in range(rows):
-            for j in range(i if self.symmetric else 0, cols):
-                yield i, j
-
-    def __len__(self) -> int:
-        rows, cols = self.shape
-        return rows * (rows + 1) // 2 if self.symmetric else rows * cols
 
 
 FIX = "recompute it with `kernelscale gram ... --overwrite` (or `kernelscale verify --repair` for bad tiles)"
@@ -209,20 +175,18 @@ class GramStore:
         r0, r1 = _range(rows, self.grid.n)
         c0, c1 = _range(cols, self.grid.m)
         out = np.empty((r1 - r0, c1 - c0), self.dtype)
-        t = self.grid.tile
-        for i in range(r0 // t, -(-r1 // t)):
-            for j in range(c0 // t, -(-c1 // t)):
-                tr0, tr1, tc0, tc1 = self.grid.bounds(i, j)
-                a0, a1, b0, b1 = max(r0, tr0), min(r1, tr1), max(c0, tc0), min(c1, tc1)
-                if a0 >= a1 or b0 >= b1:
-                    continue
-                if self.grid.stored(i, j):
-                    tile = self.read_tile(i, j)
-                    part = tile[a0 - tr0 : a1 - tr0, b0 - tc0 : b1 - tc0]
-                else:
-                    tile = self.read_tile(j, i)
-                    part = tile[b0 - tc0 : b1 - tc0, a0 - tr0 : a1 - tr0].T
-                out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = part
+        for i, j in self.grid.covering(r0, r1, c0, c1):
+            tr0, tr1, tc0, tc1 = self.grid.bounds(i, j)
+            a0, a1, b0, b1 = max(r0, tr0), min(r1, tr1), max(c0, tc0), min(c1, tc1)
+            if a0 >= a1 or b0 >= b1:
+                continue
+            if self.grid.stored(i, j):
+                tile = self.read_tile(i, j)
+                part = tile[a0 - tr0 : a1 - tr0, b0 - tc0 : b1 - tc0]
+            else:
+                tile = self.read_tile(j, i)
+                part = tile[b0 - tc0 : b1 - tc0, a0 - tr0 : a1 - tr0].T
+            out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = part
         return out
 
     def diag(self) -> np.ndarray:
@@ -329,37 +293,29 @@ class GramLock:
     # -- raw key access -----------------------------------------------------------------------------------
     def read(self) -> dict[str, Any] | None:
         """The current lock record, or None when unlocked (an unreadable record counts as stale)."""
-        from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
-        from zarr.core.sync import sync  # noqa: PLC0415
-
-        buf = sync(self._store.get(self._key, prototype=default_buffer_prototype()))
-        if buf is None:
+        raw = zarr_get_bytes(self._store, self._key)
+        if raw is None:
             return None
         try:
-            return dict(json.loads(buf.to_bytes().decode())["attributes"]["lock"])
+            return dict(json.loads(raw.decode())["attributes"]["lock"])
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):
             return {"corrupt": True}
 
     def _write(self, record: dict[str, Any], exclusive: bool) -> None:
-        from zarr.core.buffer import default_buffer_prototype  # noqa: PLC0415
-        from zarr.core.sync import sync  # noqa: PLC0415
-
         meta = {"zarr_format": 3, "node_type": "group", "attributes": {"lock": record}}
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
+        buf = zarr_buffer(json.dumps(meta).encode())
         if exclusive:
             try:
-                sync(self._store.set_if_not_exists(self._key, buf))
+                zarr_sync(self._store.set_if_not_exists(self._key, buf))
                 return
             except NotImplementedError:  # some fsspec stores: check-then-set
                 if self.read() is not None:
                     return
-        sync(self._store.set(self._key, buf))
+        zarr_sync(self._store.set(self._key, buf))
 
     def _delete(self) -> None:
-        from zarr.core.sync import sync  # noqa: PLC0415
-
-        sync(self._store.delete(self._key))
-        sync(self._store.delete_dir(self._dir))
+        zarr_sync(self._store.delete(self._key))
+        zarr_sync(self._store.delete_dir(self._dir))
 
     # -- lease logic --------------------------------------------------------------------------------------
     def stale_reason(self, record: dict[str, Any], now: float | None = None) -> str | None:
