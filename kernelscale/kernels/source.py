@@ -4,7 +4,7 @@ A :class:`KernelSource` names a kernel (its canonical JSON, which the Gram store
 binds), builds its jitted block function ``f(x1, x2) -> (n1, n2)``, and says how much memory one kernel call
 needs per pair of inputs (the engine sizes its kernel calls from that and the per-worker memory budget).
 
-Two kinds implement it: :class:`~kernelscale.kernels.KernelSpec` (built-in architectures, and ``--arch
+Two kinds implement it: :class:`~kernelscale.kernels.spec.KernelSpec` (built-in architectures, and ``--arch
 module:function`` user code as a ``code`` spec) and :class:`CallableKernel` (a Python ``kernel_fn(x1, x2, get)``
 passed to ``compute_gram``). Built-in kernels know their memory; user code is measured by
 :func:`traced_bytes_per_pair`.
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from kernelscale.errors import InputError
+from kernelscale.kernels.blocks import pairwise
+from kernelscale.kernels.spec import KERNELS
 
 #: Rows of the two probe blocks user kernels are traced on (shapes only; nothing is computed). Large enough that
 #: arrays growing with the rows alone (inputs, per-row variances) add little per pair: a (rows, 784) float32
@@ -61,8 +63,6 @@ class CallableKernel:
     get: str = "ntk"
 
     def __post_init__(self) -> None:
-        from kernelscale.kernels import KERNELS  # noqa: PLC0415 - kernels/__init__ imports this module
-
         if not self.kernel_id:
             raise InputError(
                 "compute_gram with a kernel_fn callable needs kernel_id='a-name-for-this-kernel': it enters the "
@@ -78,8 +78,6 @@ class CallableKernel:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
 
     def block_fn(self) -> Callable[[Any, Any], Any]:
-        from kernelscale.kernels import pairwise  # noqa: PLC0415 - kernels/__init__ imports this module
-
         return pairwise(self.fn, self.get)
 
     def bytes_per_pair(self, input_shape: tuple[int, ...]) -> int:
