@@ -33,7 +33,8 @@ from kip_imagenet_scale import update_json
 from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start` through this Python (a venv that imports ray from another environment has no `ray` script)
+RAY_CLI = "import sys; from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
 WORKER_START = ("import sys; import ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
                 "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()")
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -92,7 +93,7 @@ def main() -> None:
     for name in ("head", "worker"):
         logs[name] = open(f"/tmp/kip_2node_{name}.log", "w")  # noqa: SIM115
     nodes["head"] = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+        [sys.executable, "-c", RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
          "--include-dashboard", "false", "--temp-dir", args.head_dir, "--disable-usage-stats",
          *client_server_port()],
         stdout=logs["head"], stderr=subprocess.STDOUT, env=env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
