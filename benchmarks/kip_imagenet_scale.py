@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def update_json(path: str | Path, **sections) -> None:
+    """Write ``sections`` into the results JSON at ``path``, keeping the sections other benchmarks wrote there."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(sections)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("train")
@@ -46,6 +55,7 @@ def main() -> None:
     p.add_argument("--kss-tile", type=int, default=1000)
     p.add_argument("--budget", type=float, default=600, help="seconds of KIP steps per support size")
     p.add_argument("--probe-steps", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=0, help="at most this many steps per size (0: no cap)")
     p.add_argument("--arch", default="fc:depth=3")
     p.add_argument("--work", default="/tmp/kernelscale-kip1k")
     p.add_argument("--json", help="write the results here")
@@ -58,10 +68,14 @@ def main() -> None:
     results = []
     for ipc in [int(v) for v in args.ipc.split(",")]:
         probe_out = work / f"probe_ipc{ipc}.zarr"
+        for old in (probe_out, work / f"ipc{ipc}.zarr"):  # this script's own outputs of an earlier run
+            shutil.rmtree(old, ignore_errors=True)
         probe, probe_wall, _ = run_distill(ks + ["--ipc", str(ipc), "--steps", str(args.probe_steps),
                                                   "--checkpoint-every", str(args.probe_steps), "--out", str(probe_out)])
         step_s = probe["seconds_per_step"]
         steps = max(args.probe_steps, int(args.budget / step_s))
+        if args.max_steps:
+            steps = min(steps, args.max_steps)
         out = work / f"ipc{ipc}.zarr"
         run, wall, peak = run_distill(ks + ["--ipc", str(ipc), "--steps", str(steps), "--checkpoint-every", str(steps),
                                              "--val", args.val, "--eval-every", str(steps), "--out", str(out)])
@@ -76,10 +90,8 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"train": args.train, "val": args.val, "arch": args.arch,
-                                                   "target_batch": args.target_batch, "workers": args.workers,
-                                                   "kss_tile": args.kss_tile, "budget_seconds": args.budget,
-                                                   "runs": results}, indent=1) + "\n")
+            update_json(args.json, train=args.train, val=args.val, arch=args.arch, target_batch=args.target_batch,
+                        workers=args.workers, kss_tile=args.kss_tile, budget_seconds=args.budget, runs=results)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,31 @@ def run_measured(cmd: list[str], cwd: str | Path | None = None, interval: float 
     thread.join()
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     return done, time.perf_counter() - t0, {k: round(v, 1) for k, v in peak.items()}
+
+
+def main() -> None:
+    """``python benchmarks/measure.py [--json OUT] -- CMD ...``: run CMD, print one JSON line with its wall
+    seconds, peak RSS (MiB) of the command and of its largest child process, CPU seconds and exit code."""
+    import argparse
+    import json
+    import resource
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--json", help="also write the JSON object here")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    done, wall, peak = run_measured(cmd)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = {"cmd": cmd, "returncode": done.returncode, "wall_seconds": round(wall, 1), "peak_rss_mib": peak,
+           "user_seconds": round(usage.ru_utime, 1), "system_seconds": round(usage.ru_stime, 1),
+           "stdout_tail": done.stdout[-3000:], "stderr_tail": done.stderr[-3000:]}
+    print(json.dumps(res), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()
