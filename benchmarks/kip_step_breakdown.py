@@ -5,7 +5,7 @@ plus the time and size of one checkpoint.
     .venv/bin/python benchmarks/kip_step_breakdown.py TRAIN.zarr --ipc 1,2,5,10 \\
         --json docs/results_kip_imagenet_scale.json
 
-Runs the phases of ``kernelscale.kip_sharding.tiled_sums`` one after the other in this process (one worker:
+Runs the phases of ``kernelscale.kip.sharding.tiled_sums`` one after the other in this process (one worker:
 the whole target batch, every tile), so each phase is timed on its own with all cores (the K_ss tiles and their
 vjp are computed by the same kernel calls as ``kip.kss_tile``/``kss_tile_vjp``, compiled once for all tile
 positions); the Ray actors of ``kernelscale distill --workers W --kss-tile T`` run the same worker code, the
@@ -30,14 +30,14 @@ from kip_imagenet_scale import dir_bytes, update_json
 
 def breakdown(data_path: str, ipc: int, batch: int, tile: int, steps: int, seed: int = 0, reg: float = 1e-6,
               arch: str = "fc:depth=3") -> dict:
-    from kernelscale import kip as kipmod
+    from kernelscale.kip import step as kipmod
     from kernelscale.data import open_dataset
-    from kernelscale.distilled_store import create_distilled, empty_history
+    from kernelscale.kip.store import create_distilled, empty_history
     from kernelscale.kernels import parse_arch
-    from kernelscale.kip_data import init_random, sampling_mode
-    from kernelscale.kip_run import _commit
-    from kernelscale.kip_sharding import LocalPool, ShardWorker, pair_kernel
-    from kernelscale.target_augment import TargetAugment
+    from kernelscale.kip.targets import init_random, sampling_mode
+    from kernelscale.kip.run import _commit
+    from kernelscale.kip.sharding import LocalPool, ShardWorker, pair_kernel
+    from kernelscale.kip.augment import TargetAugment
 
     data = open_dataset(data_path)
     spec = parse_arch(arch, "ntk")

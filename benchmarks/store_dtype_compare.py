@@ -25,7 +25,7 @@ from kip_imagenet_scale import dir_bytes, update_json
 
 def read_speed(path: str, batch: int, batches: int, seed: int = 1) -> dict:
     from kernelscale.data import open_dataset
-    from kernelscale.kip_data import TargetSampler
+    from kernelscale.kip.targets import TargetSampler
 
     ds = open_dataset(path)
     sampler = TargetSampler(ds, batch, seed, memory_limit=0, mode="chunks")
@@ -48,7 +48,7 @@ def krr_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     import scipy.linalg
 
     from kernelscale.kernels import kernel_fn, parse_arch
-    from kernelscale.labels import one_hot
+    from kernelscale.data.labels import one_hot
 
     spec = parse_arch("fc:depth=3", "ntk")
     fn = kernel_fn(spec)
