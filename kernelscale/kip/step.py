@@ -185,10 +185,12 @@ class Kip:
         return self._apply(state, sums, batch[0].shape[0])
 
 
-def make_kip(kernel: PairKernel, *, lr: float = 0.01, reg: float = 1e-6, learn_labels: bool = True,
+def make_kip(kernel: PairKernel, *, learn_labels: bool, lr: float = 0.01, reg: float = 1e-6,
              label_lr: float | None = None, schedule: str = "constant", total_steps: int | None = None,
              target_transform: TargetTransform | None = None) -> Kip:
-    """A :class:`Kip` (see the module docstring)."""
+    """A :class:`Kip` (see the module docstring). ``learn_labels`` has no default: ``kernelscale distill``'s
+    defaults (fixed labels, cosine schedule over the run) live in :class:`kernelscale.kip.run.KipConfig`; the step
+    alone defaults to a constant step size, which needs no ``total_steps``."""
     return Kip(kernel, lr=lr, reg=reg, learn_labels=learn_labels, label_lr=label_lr, schedule=schedule,
                total_steps=total_steps, target_transform=target_transform)
 
