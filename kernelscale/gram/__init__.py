@@ -1,8 +1,9 @@
 """Gram matrices at scale: the tile plan, the fingerprinted Zarr store and its lock, the Ray engine that fills it,
 live progress, and the store-backed operators the solvers read.
 
-Modules: ``plan`` (which tiles, in what order, how a tile splits into kernel calls), ``store`` (``GramStore``,
-``GramLock``), ``engine`` (``compute_gram``, the ``GramWorker`` actors), ``progress``.
+Modules: ``plan`` (tile geometry: which tiles, in what order, how a tile splits into kernel calls), ``store``
+(``GramStore``, ``GramLock``), ``job`` (the ``GramJob`` actors receive), ``worker`` (the ``GramWorker`` actor),
+``engine`` (``compute_gram``), ``config`` (``GramConfig``), ``progress``, ``operators``.
 """
 
 from kernelscale.gram.engine import compute_gram
