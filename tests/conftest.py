@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts its worker processes at nice 15; beside the other xdist workers' tests (nice 0) a test's own actors
+# would wait behind them. Actors run at the test process's priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 
@@ -60,11 +63,11 @@ def jax_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = root / "jax-compile-cache"
     cache.mkdir(exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     return cache
 
 
