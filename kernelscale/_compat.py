@@ -7,13 +7,17 @@ that message) instead of a store read or a Ray start failing deep inside a run.
 - Zarr 3: ``zarr.core.sync.sync`` (run zarr's async store calls from synchronous code),
   ``zarr.core.buffer.default_buffer_prototype`` (raw bytes in and out of a store), and the default v3 chunk
   key layout ``<array>/c/<i>/<j>`` (list a Gram's written tiles in one listing).
-- Ray: ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (a loopback-only local cluster), and the logger name
-  of Ray's token-authentication notice.
+- Ray: ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (a loopback-only local cluster), the logger name
+  of Ray's token-authentication notice, ``ray._private.services.resolve_ip_for_localhost`` (a ``ray start``
+  worker node that keeps a loopback ``--address``), ``ray._private.parameter.get_ray_client_dependency_error``
+  (whether ``ray start --head`` opens a Ray Client server) and ``ray.scripts.scripts.main`` (``ray start``
+  through this Python).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Awaitable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -22,6 +26,8 @@ T = TypeVar("T")
 ZARR_CHUNK_PREFIX = "c/"
 #: The logger Ray logs "Token authentication is enabled for this Ray cluster" with.
 RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+#: ``ray`` run through this interpreter (a venv that imports ray from another environment has no ``ray`` script).
+_RAY_CLI = "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
 
 
 def zarr_sync(awaitable: Awaitable[T]) -> T:
@@ -65,6 +71,22 @@ def ray_single_machine_mode() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
+def ray_cli(keep_loopback: bool = False) -> list[str]:
+    """The argv prefix of ``ray ...`` through this Python. ``keep_loopback``: ``ray start --address 127.0.0.1:P``
+    then keeps the loopback address (Ray resolves it to the machine's routable IP), so a worker node joins a
+    loopback head."""
+    patch = "import ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; " if keep_loopback else ""
+    return [sys.executable, "-c", "import sys; " + patch + _RAY_CLI]
+
+
+def ray_has_client_server() -> bool:
+    """Whether ``ray start --head`` opens a Ray Client server (ray[client] installed; the minimal ray refuses
+    ``--ray-client-server-port``)."""
+    from ray._private.parameter import get_ray_client_dependency_error  # noqa: PLC0415 - Ray loads only here
+
+    return get_ray_client_dependency_error() is None
+
+
 def missing_internals() -> list[str]:
     """The internals above that the installed zarr and Ray no longer have, each as one sentence (empty: all there)."""
     import importlib  # noqa: PLC0415
@@ -73,7 +95,8 @@ def missing_internals() -> list[str]:
     problems = []
     checks = [("zarr", "zarr.core.sync", "sync"), ("zarr", "zarr.core.buffer", "default_buffer_prototype"),
               ("ray", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
-              ("ray", RAY_TOKEN_LOGGER, "logger")]
+              ("ray", RAY_TOKEN_LOGGER, "logger"), ("ray", "ray._private.services", "resolve_ip_for_localhost"),
+              ("ray", "ray._private.parameter", "get_ray_client_dependency_error"), ("ray", "ray.scripts.scripts", "main")]
     for package, module, name in checks:
         try:
             found = hasattr(importlib.import_module(module), name)
