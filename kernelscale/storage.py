@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -252,6 +252,23 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
 VALUE_PRESERVING_CODECS = ("crc32c", "zstd", "gzip", "blosc")
 #: Data types of any array in a kernelscale store.
 NUMERIC_DTYPES = ("float16", "float32", "float64", "uint8", "int32", "int64", "uint32")  # uint8/float16: compact dataset stores
+
+
+#: Each store kind: how messages name it, and the command that creates one.
+STORE_KINDS = {"dataset": ("dataset", "kernelscale ingest"), "gram": ("Gram", "kernelscale gram"),
+               "model": ("model", "kernelscale solve"), "distilled": ("distilled", "kernelscale distill")}
+
+
+def checked_attrs(path: str, group: zarr.Group, kind: str,
+                  check_layout: Callable[[str, zarr.Group, dict[str, Any]], None]) -> dict[str, Any]:
+    """``group``'s attributes, once it is a kernelscale store of ``kind`` (a key of STORE_KINDS) and
+    ``check_layout(path, group, attrs)`` accepts it: from the raw metadata, before zarr parses any array."""
+    attrs = dict(group.attrs)
+    if attrs.get("kernelscale") != kind:
+        name, command = STORE_KINDS[kind]
+        raise StoreError(f"{path} is not a kernelscale {name} store (create one with `{command}`)")
+    check_layout(str(path), group, attrs)
+    return attrs
 
 
 def members(group: zarr.Group, path: str) -> dict[str, dict[str, Any]]:

@@ -72,10 +72,7 @@ class DatasetStore:
     """A dataset store opened for reading: rows of model inputs and labels, read on demand."""
 
     def __init__(self, path: str, group: zarr.Group):
-        attrs = dict(group.attrs)
-        if attrs.get("kernelscale") != "dataset":
-            raise StoreError(f"{path} is not a kernelscale dataset store (create one with `kernelscale ingest`)")
-        check_layout(str(path), group, attrs)  # from the raw metadata, before zarr parses any array
+        attrs = storage.checked_attrs(path, group, "dataset", check_layout)
         self.path = str(path)
         self.group = group
         self.attrs = attrs

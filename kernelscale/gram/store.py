@@ -90,10 +90,7 @@ class GramStore:
     """An opened Gram store. ``block``/``diag``/``to_numpy`` raise on missing or corrupt tiles."""
 
     def __init__(self, path: str, group: zarr.Group):
-        attrs = dict(group.attrs)
-        if attrs.get("kernelscale") != "gram":
-            raise StoreError(f"{path} is not a kernelscale Gram store (create one with `kernelscale gram`)")
-        check_layout(str(path), group, attrs)  # from the raw metadata, before zarr parses the array
+        attrs = storage.checked_attrs(path, group, "gram", check_layout)
         self.path = str(path)
         self.group = group
         self.attrs = attrs
