@@ -697,9 +697,9 @@ def test_an_error_in_a_ray_actor_reaches_the_cli_as_its_one_line_message(small, 
 
 
 def test_whole_gram_in_memory_is_refused_when_it_cannot_fit(small, capsys, monkeypatch):
-    from kernelscale import krr
+    from kernelscale.krr import solver
 
-    monkeypatch.setattr(krr, "available_memory", lambda: 10_000)  # bytes: a 40 x 40 float64 Gram is 12,800
+    monkeypatch.setattr(solver, "available_memory", lambda: 10_000)  # bytes: a 40 x 40 float64 Gram is 12,800
     for argv, needle in ((["--solver", "cholesky"], "--solver cholesky needs"),
                          (["--operator", "memory"], "--operator memory needs")):
         code, summary, err = cli(capsys, "solve", small["gram"], "--data", small["train"], "--reg", "1e-3", *argv,

@@ -42,13 +42,13 @@ STATUS_NAMES = {ACTIVE: "max_iterations", CONVERGED: "converged", BREAKDOWN: "br
 
 @dataclass
 class CGOptions:
-    """Solver options; each maps to one CLI flag of ``kernelscale solve``.
+    """Solver options.
 
-    tol: per-column relative residual ||b - A x|| / ||b|| (``--tol``).
-    max_iter: iterations (operator products) at most, counted over the whole solve incl. resumes (``--max-iter``).
-    true_residual_every: recompute r = b - A x every k iterations, 0 never (``--true-residual-every``).
-    checkpoint_path: ``.npz`` file the state is written to (``--checkpoint``); None: no checkpoints.
-    checkpoint_every: iterations between checkpoints (``--checkpoint-every``).
+    tol: per-column relative residual ||b - A x|| / ||b||.
+    max_iter: iterations (operator products) at most, counted over the whole solve incl. resumes.
+    true_residual_every: recompute r = b - A x every k iterations, 0 never.
+    checkpoint_path: ``.npz`` file the state is written to; None: no checkpoints.
+    checkpoint_every: iterations between checkpoints.
     """
 
     tol: float = 1e-6
@@ -58,14 +58,22 @@ class CGOptions:
     checkpoint_every: int = 10
 
     def validate(self) -> None:
-        if not 0 < self.tol < 1:
-            raise InputError(f"--tol must be in (0, 1) (a relative residual), got {self.tol}")
-        if self.max_iter < 0:
-            raise InputError(f"--max-iter must be >= 0, got {self.max_iter}")
-        if self.true_residual_every < 0:
-            raise InputError(f"--true-residual-every must be >= 0, got {self.true_residual_every}")
-        if self.checkpoint_every < 1:
-            raise InputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        """Refuse options no solve can run with (:class:`InputError` naming the Python parameter)."""
+        problems = [("tol", tol_problem(self.tol)), ("max_iter", _at_least(self.max_iter, 0)),
+                    ("true_residual_every", _at_least(self.true_residual_every, 0)),
+                    ("checkpoint_every", _at_least(self.checkpoint_every, 1))]
+        for name, problem in problems:
+            if problem is not None:
+                raise InputError(f"{name} {problem}")
+
+
+def tol_problem(tol: float) -> str | None:
+    """None for a tolerance in (0, 1), else what is wrong with it ("must be in (0, 1) ..., got 0")."""
+    return None if 0 < tol < 1 else f"must be in (0, 1) (a relative residual), got {tol}"
+
+
+def _at_least(value: int, low: int) -> str | None:
+    return None if value >= low else f"must be >= {low}, got {value}"
 
 
 @dataclass
@@ -73,8 +81,8 @@ class Solution:
     """Result of a solve: ``x`` (N, k) float64 and how it ended.
 
     ``status``: converged, max_iterations, breakdown or non_finite. ``message``: what happened and what to
-    change, in the words ``kernelscale solve`` prints (FLAG_NAMES); ``fix``: what to change, naming the Python
-    parameters (API_NAMES; "" when converged); ``in_words(names)``: the message for any other vocabulary.
+    change, naming the Python parameters (API_NAMES); ``fix``: just what to change ("" when converged);
+    ``in_words(names)``: the message in another vocabulary (a command line renders its flags this way).
     """
 
     x: np.ndarray
@@ -359,31 +367,23 @@ def _check_rz(st: CGState, cols: np.ndarray) -> None:
     st.col[cols[np.isfinite(rz) & ~(rz > 0)]] = BREAKDOWN
 
 
-#: How a fix-it message names the parameters it advises changing, for a Python caller: the keyword
-#: arguments of ``cg``/``CGOptions``/``PreconditionerSpec``/``cholesky_solve``.
+#: How a message names the parameters it advises changing: the keyword arguments of
+#: ``cg``/``CGOptions``/``PreconditionerSpec``/``cholesky_solve``. A command line passes its own names, with these
+#: keys, to ``Solution.in_words``.
 API_NAMES = {
     "max_iter": "max_iter", "tol": "tol", "checkpoint": "checkpoint_path", "resume": "resume_from",
     "reg": "reg", "reg_trace": "reg = 1e-6 * trace(K) / N", "nystrom_1000": "PreconditionerSpec('nystrom', 1000)",
     "cholesky": "cholesky_solve", "verify_store": "the operator's values",
 }
 
-#: The same names as ``kernelscale solve`` spells them: ``Solution.message`` is the text the command prints.
-#: (This table belongs with the command line; it stays here while the CLI prints ``Solution.message`` as is.)
-FLAG_NAMES = {
-    "max_iter": "--max-iter", "tol": "--tol", "checkpoint": "--checkpoint", "resume": "--resume",
-    "reg": "--reg", "reg_trace": "1e-6 with --reg-scale trace", "nystrom_1000": "--precond nystrom:1000",
-    "cholesky": "--solver cholesky", "verify_store": "the Gram store (`kernelscale verify`)",
-}
-
-
 def _verdict(st: CGState, options: CGOptions) -> tuple[str, str, str, str]:
-    """(status, message in FLAG_NAMES words, fix-it in API_NAMES words, message template) of a finished solve."""
+    """(status, message, fix-it, message template) of a finished solve; message and fix-it in API_NAMES words."""
     status, what, fix = _advice(st, options)
-    return status, (what + fix).format_map(FLAG_NAMES), fix.format_map(API_NAMES).strip(), what + fix
+    return status, (what + fix).format_map(API_NAMES), fix.format_map(API_NAMES).strip(), what + fix
 
 
 def _advice(st: CGState, options: CGOptions) -> tuple[str, str, str]:
-    """(status, what happened, what to change) with parameter names as ``{name}`` fields of FLAG_NAMES/API_NAMES."""
+    """(status, what happened, what to change) with parameter names as ``{name}`` fields (keys of API_NAMES)."""
     worst = float(np.nanmax(st.true_rel)) if np.isfinite(st.true_rel).any() else float("nan")
     if (st.col == CONVERGED).all():
         return "converged", f"all {len(st.col)} columns reached relative residual <= {options.tol:g}", ""

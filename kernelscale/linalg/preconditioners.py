@@ -44,6 +44,22 @@ def auto_rank(n: int) -> int:
     return int(min(n, max(100, min(AUTO_RANK_MAX, n // 5))))
 
 
+def precond_problem(text: str) -> str | None:
+    """None for a preconditioner text :meth:`PreconditionerSpec.parse` reads, else what is wrong with it."""
+    kind, _, arg = text.strip().partition(":")
+    if kind in ("none", "jacobi"):
+        return f"{kind} takes no argument (got {text!r})" if arg else None
+    if kind != "nystrom":
+        return f"must be none, jacobi, nystrom (automatic rank) or nystrom:RANK, got {text!r}"
+    if arg in ("", "auto"):
+        return None
+    try:
+        rank = int(arg)
+    except ValueError:
+        return f"nystrom:RANK needs an integer rank or auto, got {text!r}"
+    return None if rank >= 1 else f"nystrom:RANK needs RANK >= 1, got {rank}"
+
+
 @dataclass(frozen=True)
 class PreconditionerSpec:
     """What ``--precond none|jacobi|nystrom[:RANK]`` asks for, with the Nyström options (rank 0: automatic)."""
@@ -56,26 +72,16 @@ class PreconditionerSpec:
 
     @classmethod
     def parse(cls, text: str, *, landmarks: str = "rpcholesky", residual: str = "diag", seed: int = 0) -> "PreconditionerSpec":
-        kind, _, arg = text.strip().partition(":")
+        """The spec of ``text`` (``none``, ``jacobi``, ``nystrom``, ``nystrom:auto`` or ``nystrom:RANK``)."""
         if landmarks not in LANDMARKS:
-            raise InputError(f"--landmarks must be one of {', '.join(LANDMARKS)}, got {landmarks!r}")
+            raise InputError(f"landmarks must be one of {', '.join(LANDMARKS)}, got {landmarks!r}")
         if residual not in RESIDUALS:
-            raise InputError(f"--nystrom-residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
-        if kind in ("none", "jacobi"):
-            if arg:
-                raise InputError(f"--precond {kind} takes no argument (got {text!r})")
-            return cls(kind, 0, landmarks, residual, seed)
-        if kind == "nystrom":
-            if arg in ("", "auto"):
-                return cls(kind, 0, landmarks, residual, seed)
-            try:
-                rank = int(arg)
-            except ValueError:
-                raise InputError(f"--precond nystrom:RANK needs an integer rank or auto, got {text!r}") from None
-            if rank < 1:
-                raise InputError(f"--precond nystrom:RANK needs RANK >= 1, got {rank}")
-            return cls(kind, rank, landmarks, residual, seed)
-        raise InputError(f"--precond must be none, jacobi, nystrom (automatic rank) or nystrom:RANK, got {text!r}")
+            raise InputError(f"residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
+        problem = precond_problem(text)
+        if problem is not None:
+            raise InputError(f"precond {problem}")
+        kind, _, arg = text.strip().partition(":")
+        return cls(kind, 0 if arg in ("", "auto") else int(arg), landmarks, residual, seed)
 
     def describe(self, n: int | None = None) -> str:
         """E.g. ``nystrom:2000 (rpcholesky landmarks, diag residual)``; the automatic rank is resolved for ``n`` rows."""
