@@ -162,3 +162,17 @@ class Tmpfs:
     def unmount(self) -> None:
         if self.error is None:
             subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    @classmethod
+    def mounted(cls, path: Path, size: str):
+        """A generator for a fixture: the mounted tmpfs, unmounted afterwards; skips the test where this process
+        may not mount (not root and no CAP_SYS_ADMIN)."""
+        import pytest
+
+        fs = cls(path, size)
+        if fs.error is not None:
+            pytest.skip(f"cannot mount a tmpfs for the disk-full test ({fs.error}); needs root or CAP_SYS_ADMIN")
+        try:
+            yield fs
+        finally:
+            fs.unmount()

@@ -43,3 +43,26 @@ def spd_matrix(n: int, cond: float = 1e3, seed: int = 0) -> np.ndarray:
     lam = np.logspace(0, -np.log10(cond), n)
     m = (q * lam) @ q.T
     return 0.5 * (m + m.T)
+
+
+def small_split_with_grams(root, arch: str = "fc:depth=2") -> dict:
+    """40 rows of 4x4x1 in 3 classes, their Gram (``arch``) and a 12-row test split with its cross Gram, under
+    ``root`` (a pathlib.Path): the paths, the images, the labels and the spec."""
+    from kernelscale import parse_arch
+    from kernelscale.data import open_dataset
+
+    from fault_helpers import npz_store, synthetic_images
+
+    images = synthetic_images(52, seed=3)
+    labels = np.arange(52) % 3
+    train = npz_store(root, "train", images[:40], labels[:40])
+    test = npz_store(root, "test", images[40:], labels[40:])
+    tr, te = open_dataset(train), open_dataset(test)
+    spec = parse_arch(arch).to_json()
+    gram, cross = str(root / "gram.zarr"), str(root / "cross.zarr")
+    xtr, xte = tr.rows(0, tr.n), te.rows(0, te.n)
+    write_gram(gram, pairwise_gram(arch, xtr), tile=16, data_fingerprint=tr.fingerprint, spec=spec)
+    write_gram(cross, pairwise_gram(arch, xte, xtr), tile=16, data_fingerprint=te.fingerprint,
+               against_fingerprint=tr.fingerprint, spec=spec)
+    return {"root": root, "images": images, "labels": labels, "train": train, "test": test, "gram": gram,
+            "cross": cross, "spec": spec}

@@ -20,7 +20,7 @@ from kernelscale.data import ingest, open_dataset
 from kernelscale.errors import InputError, StoreError
 
 from fault_helpers import flip_byte, npz_store, synthetic_images
-from krr_helpers import pairwise_gram, write_gram
+from krr_helpers import pairwise_gram, small_split_with_grams, write_gram
 
 ARCH = "fc:depth=2"
 
@@ -33,20 +33,8 @@ def cli(capsys, *argv: str) -> tuple[int, dict, str]:
 
 @pytest.fixture()
 def small(tmp_path) -> dict:
-    """40 rows of 4x4x1 in 3 classes, its Gram (fc depth 2) and a 12-row test split with its cross Gram."""
-    images = synthetic_images(52, seed=3)
-    labels = np.arange(52) % 3
-    train = npz_store(tmp_path, "train", images[:40], labels[:40])
-    test = npz_store(tmp_path, "test", images[40:], labels[40:])
-    tr, te = open_dataset(train), open_dataset(test)
-    spec = parse_arch(ARCH).to_json()
-    gram, cross = str(tmp_path / "gram.zarr"), str(tmp_path / "cross.zarr")
-    xtr, xte = tr.rows(0, tr.n), te.rows(0, te.n)
-    write_gram(gram, pairwise_gram(ARCH, xtr), tile=16, data_fingerprint=tr.fingerprint, spec=spec)
-    write_gram(cross, pairwise_gram(ARCH, xte, xtr), tile=16, data_fingerprint=te.fingerprint,
-               against_fingerprint=tr.fingerprint, spec=spec)
-    return {"root": tmp_path, "images": images, "labels": labels, "train": train, "test": test, "gram": gram,
-            "cross": cross, "spec": spec}
+    """40 rows of 4x4x1 in 3 classes, their Gram (fc depth 2) and a 12-row test split with its cross Gram."""
+    return small_split_with_grams(tmp_path, ARCH)
 
 
 def _solve_model(capsys, s: dict) -> str:

@@ -207,11 +207,7 @@ def test_flipped_byte_verify_finds_repair_fixes_bitwise(data, reference, ray_loc
 
 @pytest.fixture()
 def small_tmpfs(tmp_path):
-    fs = Tmpfs(tmp_path / "tiny", "96k")
-    if fs.error is not None:
-        pytest.skip(f"cannot mount a tmpfs for the disk-full test ({fs.error}); needs root or CAP_SYS_ADMIN")
-    yield fs
-    fs.unmount()
+    yield from Tmpfs.mounted(tmp_path / "tiny", "96k")
 
 
 def test_disk_full_clear_error_consistent_store_resumes(data, reference, ray_local, small_tmpfs, capsys):

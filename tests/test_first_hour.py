@@ -16,19 +16,10 @@ import pytest
 
 from kernelscale.cli import build_parser, main
 
+from fault_helpers import npz_store as _npz_store
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELSCALE = str(Path(sys.executable).parent / "kernelscale")
-
-
-def _npz_store(root: Path, name: str, images: np.ndarray, labels: np.ndarray | None = None) -> str:
-    from kernelscale.data import ingest
-
-    src = root / f"{name}.npz"
-    labels = np.arange(len(images)) % 3 if labels is None else labels
-    np.savez(src, images=images.astype(np.float32), labels=labels)
-    out = str(root / f"{name}.zarr")
-    ingest(str(src), out, progress=False)
-    return out
 
 
 def _fresh(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ from kernelscale.errors import InputError, KernelscaleError, StoreError
 from kernelscale.runtime import check_remote_auth
 
 from fault_helpers import Tmpfs, npz_store, synthetic_images
-from krr_helpers import pairwise_gram, write_gram
+from krr_helpers import pairwise_gram, small_split_with_grams, write_gram
 
 ARCH = "fc:depth=2"
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,20 +63,8 @@ def assert_refused(code: int, summary: dict, err: str, *needles: str) -> None:
 
 @pytest.fixture()
 def small(tmp_path) -> dict:
-    """40 rows of 4x4x1 in 3 classes with their Gram (fc depth 2) and a 12-row test split with its cross Gram."""
-    images = synthetic_images(52, seed=3)
-    labels = np.arange(52) % 3
-    train = npz_store(tmp_path, "train", images[:40], labels[:40])
-    test = npz_store(tmp_path, "test", images[40:], labels[40:])
-    tr, te = open_dataset(train), open_dataset(test)
-    spec = parse_arch(ARCH).to_json()
-    gram, cross = str(tmp_path / "gram.zarr"), str(tmp_path / "cross.zarr")
-    xtr, xte = tr.rows(0, tr.n), te.rows(0, te.n)
-    write_gram(gram, pairwise_gram(ARCH, xtr), tile=16, data_fingerprint=tr.fingerprint, spec=spec)
-    write_gram(cross, pairwise_gram(ARCH, xte, xtr), tile=16, data_fingerprint=te.fingerprint,
-               against_fingerprint=tr.fingerprint, spec=spec)
-    return {"root": tmp_path, "train": train, "test": test, "gram": gram, "cross": cross, "spec": spec,
-            "images": images, "labels": labels}
+    """40 rows of 4x4x1 in 3 classes, their Gram (fc depth 2) and a 12-row test split with its cross Gram."""
+    return small_split_with_grams(tmp_path, ARCH)
 
 
 # -- 1. user code in a stored spec ----------------------------------------------------------------------------
@@ -609,11 +597,7 @@ def test_distill_never_writes_a_png_through_a_link_even_with_overwrite(small, ca
 
 @pytest.fixture()
 def tiny_disk(tmp_path):
-    fs = Tmpfs(tmp_path / "tiny", "48k")
-    if fs.error is not None:
-        pytest.skip(f"cannot mount a tmpfs for the disk-full test ({fs.error}); needs root or CAP_SYS_ADMIN")
-    yield fs
-    fs.unmount()
+    yield from Tmpfs.mounted(tmp_path / "tiny", "48k")
 
 
 def _one_line_disk_full(code: int, summary: dict, err: str, path: str) -> None:
