@@ -23,6 +23,7 @@ from kernelscale.linalg import (
     build_preconditioner,
     cg,
     cholesky_solve,
+    PrincipalSubmatrix,
     rpcholesky,
 )
 from kernelscale.storage import delete_chunk
@@ -32,7 +33,7 @@ N, TILE = 37, 8  # edge tiles are partial
 REG = 0.1  # the shift of the shifted operator and the preconditioners' reg
 RANK = 6  # Nyström rank
 
-GRAM_BACKENDS = ["memory", "dense64", "shifted", "zarr", "zarr-noprefetch", "ray", "ray-streaming"]
+GRAM_BACKENDS = ["memory", "dense64", "shifted", "zarr", "zarr-noprefetch", "ray", "ray-streaming", "principal"]
 PRECONDITIONERS = ["precond-none", "precond-jacobi", "precond-nystrom-diag", "precond-nystrom-scalar"]
 
 
@@ -76,6 +77,13 @@ def make_case(kind: str, kmat: np.ndarray, store_path: str, request) -> Case:
         return Case(DenseOperator(kmat, psd=True).shift(REG), kmat + REG * np.eye(N))
     if kind.startswith("zarr"):
         return Case(ZarrGramOperator(open_gram(store_path), prefetch=0 if "noprefetch" in kind else 3), kmat)
+    if kind == "principal":  # K at scattered rows of a larger store (identity elsewhere), across tile edges
+        rows = np.sort(np.random.default_rng(2).choice(N + 11, N, replace=False))
+        big = np.eye(N + 11)
+        big[np.ix_(rows, rows)] = kmat
+        path = str(request.getfixturevalue("tmp_path_factory").mktemp("principal") / "big.zarr")
+        write_gram(path, big.astype(np.float32), tile=TILE, dtype="float32")
+        return Case(PrincipalSubmatrix(ZarrGramOperator(open_gram(path)), rows), kmat)
     if kind.startswith("ray"):
         request.getfixturevalue("ray_local")
         memory = 0 if kind == "ray-streaming" else 1 << 30
@@ -140,7 +148,7 @@ def test_preconditioner_apply_equals_its_mm_bitwise(case, rng):
 
 
 CG_PRECONDITIONERS = ["none", "jacobi", "nystrom-diag", "nystrom-scalar"]
-SOLVE_BACKENDS = ["memory", "dense64", "shifted", "zarr", "ray"]  # zarr-noprefetch: the same products
+SOLVE_BACKENDS = ["memory", "dense64", "shifted", "zarr", "ray", "principal"]  # zarr-noprefetch: the same products
 DIRECT_BACKENDS = ["memory", "dense64"]  # a direct solve needs the matrix in memory
 
 

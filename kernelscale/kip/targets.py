@@ -26,10 +26,13 @@ import numpy as np
 
 from kernelscale.data import DatasetStore
 from kernelscale.errors import InputError, StoreError
+from kernelscale.gram.operators import ZarrGramOperator
 from kernelscale.gram.store import GramStore
 from kernelscale.kernels import KernelSpec
 from kernelscale.kip.augment import TargetAugment
 from kernelscale.kip.step import solve_labels
+from kernelscale.linalg.operators import PrincipalSubmatrix
+from kernelscale.linalg.preconditioners import rpcholesky
 from kernelscale.linalg.ridge import ridge
 
 log = logging.getLogger(__name__)
@@ -315,52 +318,28 @@ def check_gram(gram: GramStore, data: DatasetStore, spec_canonical: str) -> None
         raise StoreError(f"{gram.path} holds another kernel ({theirs}) than requested ({spec_canonical})")
 
 
-def read_columns(gram: GramStore, cols: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """``K[rows, cols]`` (float64) for arbitrary column indices, reading each tile strip once, by row tiles."""
-    cols = np.asarray(cols, np.int64)
-    r0, r1 = rows or (0, gram.shape[0])
-    out = np.empty((r1 - r0, len(cols)), np.float64)
-    t = gram.tile
-    for strip in np.unique(cols // t):
-        sel = np.flatnonzero(cols // t == strip)
-        c0, c1 = int(strip * t), int(min(gram.shape[1], (strip + 1) * t))
-        for a in range(r0 - r0 % t, r1, t):
-            a0, a1 = max(a, r0), min(a + t, r1)
-            out[a0 - r0 : a1 - r0, sel] = gram.block((a0, a1), (c0, c1))[:, cols[sel] - c0]
-    return out
+def _top_up(picked: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``picked`` (m,) plus ``k - m`` unpicked rows of ``range(n)``, the first of one ``rng.permutation(n)``.
 
-
-def rpcholesky(gram: GramStore, candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Randomized pivoted Cholesky (Chen, Epperly, Tropp & Webber 2022) restricted to ``candidates``.
-
-    Picks ``k`` rows, each sampled with probability proportional to the residual diagonal of the kernel
-    restricted to the candidates: rows that best span them in the kernel's feature space. One column read each.
+    The fallback once the residual is numerically exhausted (the rows picked span the rest): KIP needs ``k``.
     """
-    candidates = np.asarray(candidates, np.int64)
-    lo, hi = int(candidates.min()), int(candidates.max()) + 1
-    diag = gram.diag()[candidates].astype(np.float64)
-    factor = np.zeros((len(candidates), k))
-    picked: list[int] = []
-    for i in range(k):
-        total = diag.sum()
-        p = int(rng.choice(len(candidates), p=diag / total)) if total > 0 else int(np.argmax(diag))
-        col = read_columns(gram, candidates[p : p + 1], (lo, hi))[candidates - lo, 0]
-        g = col - factor[:, :i] @ factor[p, :i]
-        if g[p] <= 0:  # numerically exhausted: the remaining rows are spanned; fall back to an unpicked row
-            p = int(next(j for j in rng.permutation(len(candidates)) if j not in picked))
-            g[p] = max(g[p], 1e-12)
-        factor[:, i] = g / np.sqrt(g[p])
-        diag = np.maximum(diag - factor[:, i] ** 2, 0.0)
-        diag[picked + [p]] = 0.0
-        picked.append(p)
-    return np.sort(candidates[picked])
+    if len(picked) >= k:
+        return picked
+    taken = set(picked.tolist())
+    extra = [j for j in rng.permutation(n) if j not in taken][: k - len(picked)]
+    return np.concatenate([picked, np.asarray(extra, np.int64)])
 
 
 def init_gram(data: DatasetStore, gram: GramStore, ipc: int, seed: int) -> np.ndarray:
     """Row indices of a support chosen per class by randomized pivoted Cholesky over the stored Gram."""
     check_ipc(data, ipc)
     rng = np.random.default_rng([seed, 0x72706368])
-    return np.concatenate([rpcholesky(gram, rows, ipc, rng) for rows in class_rows(data.labels, data.num_classes)])
+    picks = []
+    with ZarrGramOperator(gram, prefetch=0) as op:
+        for rows in class_rows(data.labels, data.num_classes):
+            pivots = rpcholesky(PrincipalSubmatrix(op, rows), ipc, rng, block=1).pivots
+            picks.append(np.sort(rows[_top_up(pivots, len(rows), ipc, rng)]))
+    return np.concatenate(picks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,7 +353,8 @@ def label_solve(data: DatasetStore, gram: GramStore, support_rows: np.ndarray, r
     Reads K(DATA, support) from the stored Gram. Returns ``labels`` (n_s, C) float32 and the fitted train
     predictions ``train_pred`` (N, C).
     """
-    k_ts = read_columns(gram, support_rows)
+    with ZarrGramOperator(gram, prefetch=0) as op:
+        k_ts = op.columns(support_rows)
     k_ss = k_ts[support_rows]
     labels = solve_labels(k_ts, data.one_hot(), k_ss, reg)
     lam = ridge(reg, np.trace(k_ss), len(support_rows))

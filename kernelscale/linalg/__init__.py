@@ -16,7 +16,7 @@ from kernelscale.linalg.cg import (
     cg_step,
 )
 from kernelscale.linalg.cholesky import cholesky_solve
-from kernelscale.linalg.operators import DenseOperator, LinearOperator, ShiftedOperator
+from kernelscale.linalg.operators import DenseOperator, LinearOperator, PrincipalSubmatrix, ShiftedOperator
 from kernelscale.linalg.preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
@@ -29,7 +29,7 @@ from kernelscale.linalg.preconditioners import (
 
 __all__ = [
     "CGOptions", "CGState", "CheckpointWriteError", "Solution", "cg", "cg_init", "cg_step", "cg_done", "cg_finish",
-    "cholesky_solve", "DenseOperator", "LinearOperator",
+    "cholesky_solve", "DenseOperator", "LinearOperator", "PrincipalSubmatrix",
     "ShiftedOperator", "JacobiPreconditioner", "NystromPreconditioner",
     "Preconditioner", "PreconditionerSpec", "build_preconditioner", "nystrom_uniform", "rpcholesky",
 ]

@@ -131,3 +131,33 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self) -> np.ndarray:
         return self._m64
+
+
+class PrincipalSubmatrix(LinearOperator):
+    """The principal submatrix ``base[rows][:, rows]`` (n, n) of a square operator, read through ``base.columns``.
+
+    ``diag`` is ``base.diag()[rows]``; ``columns(idx)`` reads the base columns ``rows[idx]`` (N, len(idx)) and
+    keeps their ``rows``. Products read ``columns`` of all n rows (fine for the small views it is meant for).
+    """
+
+    def __init__(self, base: LinearOperator, rows: Sequence[int] | np.ndarray):
+        if base.shape[0] != base.shape[1]:
+            raise InputError(f"a principal submatrix needs a square operator, got shape {base.shape}")
+        self.base = base
+        self.rows = np.asarray(rows, np.int64)
+        n = len(self.rows)
+        self.shape = (n, n)
+        self.symmetric = base.symmetric
+        self.psd = base.psd
+
+    def _mm(self, x: np.ndarray) -> np.ndarray:
+        return self.columns(np.arange(self.shape[0])) @ x
+
+    def diag(self) -> np.ndarray:
+        return np.asarray(self.base.diag(), np.float64)[self.rows]
+
+    def columns(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        return np.asarray(self.base.columns(self.rows[np.asarray(idx, np.int64)])[self.rows], np.float64)
+
+    def close(self) -> None:
+        self.base.close()

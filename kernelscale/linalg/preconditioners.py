@@ -186,12 +186,14 @@ def nystrom_uniform(kernel: LinearOperator, rank: int, seed: int = 0) -> Nystrom
     return NystromFactor(f, pivots, d, rank)
 
 
-def rpcholesky(kernel: LinearOperator, rank: int, seed: int = 0, block: int | None = None,
+def rpcholesky(kernel: LinearOperator, rank: int, seed: int | np.random.Generator = 0, block: int | None = None,
                progress: bool = False) -> NystromFactor:
     """Block randomized pivoted Cholesky: ``rank`` pivots sampled ∝ the residual diagonal, ``block`` at a time.
 
     Reads only the pivot columns (``kernel.columns``), one call per block; a smaller block adapts better,
-    a larger one reads the store fewer times. ``progress`` shows a bar of landmark columns read.
+    a larger one reads the store fewer times. ``progress`` shows a bar of landmark columns read. ``seed`` may
+    be a Generator, which the draws then advance (one ``choice`` per block). Stops early, with fewer pivots,
+    once the residual is numerically exhausted (trace below 1e-14 of the start, or a non-positive pivot block).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
