@@ -10,9 +10,11 @@ import pytest
 
 from kernelscale import config
 from kernelscale.cli import build_parser
+from kernelscale.cli.demo_pipeline import DemoConfig
+from kernelscale.cli.evaluate import EvaluateConfig
 from kernelscale.errors import InputError, NotConvergedError, cli_words
 from kernelscale.kip.run import RESUME_KEYS, DistillResult, KipConfig, check_distill
-from kernelscale.krr import CurveConfig, SolveConfig, curve_solves
+from kernelscale.krr import SOLVE_FLAG_NAMES, CurveConfig, SolveConfig, curve_solves
 from kernelscale.krr.results import CurveResult, SolveResult
 
 
@@ -20,6 +22,9 @@ from kernelscale.krr.results import CurveResult, SolveResult
     (KipConfig, ["distill", "d.zarr", "--out", "o.zarr"]),
     (SolveConfig, ["solve", "g.zarr", "--data", "d.zarr", "--reg", "0.5", "--out", "o.zarr"]),
     (CurveConfig, ["curve", "g.zarr", "--data", "d.zarr", "--cross", "c.zarr", "--test", "t.zarr", "--sizes", "5"]),
+    (EvaluateConfig, ["evaluate", "m.zarr", "--test", "t.zarr"]),
+    (EvaluateConfig, ["eval", "m.zarr", "--test", "t.zarr"]),
+    (DemoConfig, ["demo"]),
 ])
 def test_cli_defaults_equal_the_python_defaults(cls, argv):
     args = build_parser().parse_args(argv)
@@ -45,6 +50,37 @@ def test_validation_names_the_flag_on_the_cli_and_the_keyword_in_python():
         config.validate(SolveConfig(gram="g", data="d", reg=1.0, out="o", reg_scale="log"))
     with pytest.raises(InputError, match=r"^reg must be a finite number >= 0, got nan$"):
         config.validate(SolveConfig(gram="g", data="d", reg=float("nan"), out="o"))
+
+
+def test_solver_options_are_checked_in_the_words_of_the_caller():
+    """tol, max_iter and precond: --flags on the command line (as linalg said before), Python names otherwise."""
+    for cfg, cli, api in [
+        (SolveConfig(gram="g", data="d", reg=1.0, out="o", tol=0.0), "--tol must be in (0, 1) (a relative residual), "
+         "got 0.0", "tol must be in (0, 1) (a relative residual), got 0.0"),
+        (CurveConfig(gram="g", data="d", cross="c", test="t", sizes="5", max_iter=-1), "--max-iter must be >= 0, "
+         "got -1", "max_iter must be >= 0, got -1"),
+        (SolveConfig(gram="g", data="d", reg=1.0, out="o", precond="nystrom:0"), "--precond nystrom:RANK needs "
+         "RANK >= 1, got 0", "precond nystrom:RANK needs RANK >= 1, got 0"),
+    ]:
+        with cli_words(), pytest.raises(InputError) as on_cli:
+            config.validate(cfg)
+        with pytest.raises(InputError) as in_python:
+            config.validate(cfg)
+        assert (str(on_cli.value), str(in_python.value)) == (cli, api)
+
+
+def test_solve_flag_names_render_the_message_kernelscale_solve_prints():
+    from kernelscale.linalg import CGOptions, DenseOperator, cg
+
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((60, 60)))
+    sol = cg(DenseOperator(q @ np.diag(np.logspace(0, 6, 60)) @ q.T, psd=True), rng.standard_normal((60, 2)),
+             options=CGOptions(tol=1e-12, max_iter=3))
+    assert sol.status == "max_iterations" and "--" not in sol.message  # the message is in Python names
+    assert sol.in_words(SOLVE_FLAG_NAMES) == (
+        f"not converged: 3 iterations reached --max-iter 3 with max relative residual {sol.max_rel_residual:.3g} > "
+        "--tol 1e-12. Try a stronger preconditioner (--precond nystrom:1000 or more), more iterations (--max-iter; "
+        "add --checkpoint/--resume to continue this run), a larger --reg, or --solver cholesky if N fits in memory.")
 
 
 def test_unknown_setting_is_a_type_error_like_an_unknown_keyword():

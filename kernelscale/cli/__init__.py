@@ -2,7 +2,9 @@
 
 Every subcommand has ``--help``, ``--json`` (one JSON summary object as the last line of stdout) and ``-v``.
 Exit codes: 0 success, 2 bad input or usage, 3 did not converge, 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM), 1 anything else.
+(SIGTERM), 1 anything else. A ``run`` returns its JSON summary, or a :class:`CommandOutcome` (the summary and
+an exit code) when it finished without an error yet must not exit 0 (``verify`` of a bad Gram, a ``solve``
+that did not converge).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kernelscale.errors import InputError, KernelscaleError, cli_words
+from kernelscale.storage import disk_full_error, is_disk_full
 
 log = logging.getLogger("kernelscale")
 
-#: Subcommand name -> module under kernelscale.cli (each defines register(parser) and run(args) -> dict).
+#: Subcommand name -> module under kernelscale.cli (each defines register(parser) and run(args), which returns
+#: the summary dict or a CommandOutcome).
 SUBCOMMANDS: dict[str, str] = {
     "ingest": "ingest",
     "gram": "gram",
@@ -55,6 +60,15 @@ CONTINUE_HINTS: dict[str, str] = {
 }
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What a subcommand's ``run`` returns to exit with a code other than 0 without an error: the JSON summary
+    it prints, and the exit code (e.g. 3 for a solve that did not converge)."""
+
+    summary: dict[str, Any]
+    exit_code: int
 
 
 class _Terminated(KeyboardInterrupt):
@@ -118,8 +132,6 @@ def _version() -> str:
 
 def _print_human(summary: dict[str, Any]) -> None:
     for key, value in summary.items():
-        if key.startswith("_"):
-            continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
             if len(value) > 200:
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if getattr(args, "allow_code", False):
         _working_directory_on_path()
-    run: Callable[[argparse.Namespace], dict[str, Any]] = args._run
+    run: Callable[[argparse.Namespace], dict[str, Any] | CommandOutcome] = args._run
     t0 = time.perf_counter()
     ray_was_running = _ray_running()
     code = 0
@@ -157,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous_sigterm = previous_sigint = None
     try:
         with cli_words():  # error messages name flags (--overwrite), not keyword arguments
-            summary = run(args)
+            outcome = run(args)
+        if isinstance(outcome, CommandOutcome):
+            summary, code = dict(outcome.summary), outcome.exit_code
+        else:
+            summary = outcome
     except (KernelscaleError, OSError) as exc:
         exc = _as_kernelscale_error(exc)  # a full disk met outside a store's own handling: one line too
         message = _plain(str(exc))
@@ -178,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ray_was_running:  # Ray forwards worker log lines to stdout until it stops: keep the JSON last
         _stop_ray()
     summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
-    code = int(summary.pop("_exit_code", code))
     if args.json:
         print(json.dumps(_finite(summary), default=jsonable, sort_keys=False, allow_nan=False))
     else:
@@ -199,8 +214,6 @@ def _working_directory_on_path() -> None:
 
 def _plain(text: str) -> str:
     """An error message without ANSI colour codes (Ray colours its workers' messages)."""
-    import re  # noqa: PLC0415
-
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
 
@@ -212,8 +225,6 @@ def _as_kernelscale_error(exc: BaseException) -> KernelscaleError:
         exc = cause
     if isinstance(exc, KernelscaleError):
         return exc
-    from kernelscale.storage import disk_full_error, is_disk_full  # noqa: PLC0415
-
     if is_disk_full(exc):
         path = getattr(exc, "filename", None) or "."
         return disk_full_error(str(path), "writing")

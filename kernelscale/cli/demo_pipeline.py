@@ -21,35 +21,44 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from kernelscale import storage
+from kernelscale import krr, storage
+from kernelscale.attack.kernel_pgd import Attack
 from kernelscale.cli import jsonable
+from kernelscale.config import option
 from kernelscale.data import ingest, open_dataset
+from kernelscale.gram.engine import compute_gram
+from kernelscale.kernels import parse_arch
+from kernelscale.kip.run import distill
+from kernelscale.kip.run import evaluate as evaluate_support
+from kernelscale.robust.run import attack_distilled
+from kernelscale.runtime import ensure_ray, shutdown_if_started
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DemoOptions:
-    """Knobs of the demo (defaults fit a 2-core machine in a few minutes)."""
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Knobs of the demo (defaults fit a 2-core machine in a few minutes); the fields with a flag are
+    ``kernelscale demo``'s options, the others Python-only."""
 
-    out: str = "demo_out"
-    limit: int = 5000
-    arch: str = "fc:depth=3"
-    kernel: str = "ntk"
-    reg: float = 1e-4
-    ipc: int = 10
-    kip_steps: int = 1000
-    attack: str = "linf:0.05"
-    pgd_steps: int = 10
-    attack_rows: int = 500
-    progress: bool = True
+    out: str = option("--out", "demo_out", help="report folder (stores and plots go here)")
+    limit: int = option("--limit", 5000, type=int, help="rows of mnist5k to use")
+    arch: str = option(None, "fc:depth=3")
+    kernel: str = option(None, "ntk")
+    reg: float = option(None, 1e-4)
+    ipc: int = option(None, 10)
+    kip_steps: int = option("--kip-steps", 1000, type=int, help="KIP steps")
+    attack: str = option("--attack", "linf:0.05", help="PGD attack for the robust accuracy")
+    pgd_steps: int = option(None, 10)
+    attack_rows: int = option(None, 500)
+    progress: bool = option(None, True)  # progress bars (the CLI's --no-progress)
 
 
 def _stage(report: dict[str, Any], name: str, fn: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     print(f"[demo] {name} ...", flush=True)
     result = fn()
-    result = {k: v for k, v in result.items() if not k.startswith("_")}
+    result = dict(result)
     result["stage_seconds"] = round(time.perf_counter() - t0, 2)
     report[name] = result
     print(f"[demo] {name} done in {result['stage_seconds']:.1f} s", flush=True)
@@ -57,10 +66,10 @@ def _stage(report: dict[str, Any], name: str, fn: Callable[[], Mapping[str, Any]
 
 
 def _plot(path: str, draw: Callable[[Any], None], size: tuple[float, float] = (5, 3.5)) -> str:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 (heavy: loaded only to plot)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after the Agg backend)
 
     fig, ax = plt.subplots(figsize=size)
     draw(ax)
@@ -70,15 +79,8 @@ def _plot(path: str, draw: Callable[[Any], None], size: tuple[float, float] = (5
     return path
 
 
-def run_demo(opts: DemoOptions) -> dict[str, Any]:
+def run_demo(opts: DemoConfig) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the report (also written to OUT/report.json)."""
-    from kernelscale import krr  # noqa: PLC0415
-    from kernelscale.gram.engine import compute_gram  # noqa: PLC0415
-    from kernelscale.kernels import parse_arch  # noqa: PLC0415
-    from kernelscale.kip.run import distill  # noqa: PLC0415
-    from kernelscale.kip.run import evaluate as evaluate_support  # noqa: PLC0415
-    from kernelscale.runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
-
     t0 = time.perf_counter()
     out = os.path.abspath(opts.out)  # every path in the report is absolute
     os.makedirs(out, exist_ok=True)
@@ -156,7 +158,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
 
 def matplotlib_null() -> Any:
-    from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415 (heavy: loaded only to plot)
 
     return NullFormatter()
 
@@ -166,11 +168,8 @@ def report_history(out: str) -> np.ndarray:
     return np.load(path) if os.path.exists(path) else np.zeros(0)
 
 
-def _robustness(distilled: str, val: Any, opts: DemoOptions) -> dict[str, Any]:
+def _robustness(distilled: str, val: Any, opts: DemoConfig) -> dict[str, Any]:
     """Clean / PGD / random-noise accuracy of the distilled support's kernel predictor on val rows."""
-    from kernelscale.attack.kernel_pgd import Attack  # noqa: PLC0415
-    from kernelscale.robust.run import attack_distilled  # noqa: PLC0415
-
     attack = Attack.parse(opts.attack, steps=opts.pgd_steps)
     return attack_distilled(distilled, val.path, attack, limit=min(opts.attack_rows, val.n))
 

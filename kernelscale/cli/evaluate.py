@@ -15,52 +15,78 @@ model with gradients against all its training rows (read from the DATA path its 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
-from kernelscale import storage
+from kernelscale import config, storage
+from kernelscale.cli.attack_flags import add_attack_flags, attack_from_args, attack_kwargs
 from kernelscale.errors import InputError
 from kernelscale.kip.run import evaluate as evaluate_support
 from kernelscale.krr import evaluate as evaluate_model
 from kernelscale.robust.run import attack_distilled, attack_model
-from kernelscale.cli.attack_flags import add_attack_flags, attack_from_args, attack_kwargs
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Settings of ``kernelscale evaluate`` (the ``--attack`` group is :mod:`kernelscale.cli.attack_flags`)."""
+
+    store: str = config.option(
+        "store", metavar="STORE.zarr",
+        help="a model (`kernelscale solve`) or a distilled support set (`kernelscale distill`)")
+    test: str = config.option("--test", metavar="TEST.zarr", help="dataset store to predict")
+    cross: str | None = config.option("--cross", None, metavar="CROSS.zarr",
+                                      help="models only: the cross Gram K(test, train)")
+    batch: int = config.option("--batch", 2048, type=int, metavar="N", help="support sets: test rows per kernel call")
+    data: str | None = config.option("--data", None, metavar="DATA.zarr",
+                                     help="models, for --attack: the model's training data (default: the data path "
+                                          "its Gram recorded)")
+    chunk: int = config.option("--chunk", 4096, type=int, metavar="N",
+                               help="models, for --attack: training rows per kernel block in attack gradients "
+                                    "(bounds memory)")
+    allow_code: bool = config.option("--allow-code", False, action="store_true",
+                                     help="a store of user code: import that code (checked against its recorded "
+                                          "source hash)")
+
+
+class _AttackFlagsBefore:
+    """``parser`` for :func:`config.add_arguments` that adds the attack group just before ``flag`` (the place
+    ``--help`` has always listed it: after --batch, before --data)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, flag: str) -> None:
+        self.parser, self.flag = parser, flag
+
+    def add_argument(self, flag: str, **kwargs: Any) -> None:
+        if flag == self.flag:
+            add_attack_flags(self.parser)
+        self.parser.add_argument(flag, **kwargs)
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", metavar="STORE.zarr",
-                   help="a model (`kernelscale solve`) or a distilled support set (`kernelscale distill`)")
-    p.add_argument("--test", required=True, metavar="TEST.zarr", help="dataset store to predict")
-    p.add_argument("--cross", metavar="CROSS.zarr", help="models only: the cross Gram K(test, train)")
-    p.add_argument("--batch", type=int, default=2048, metavar="N", help="support sets: test rows per kernel call")
-    add_attack_flags(p)
-    p.add_argument("--data", metavar="DATA.zarr",
-                   help="models, for --attack: the model's training data (default: the data path its Gram recorded)")
-    p.add_argument("--chunk", type=int, default=4096, metavar="N",
-                   help="models, for --attack: training rows per kernel block in attack gradients (bounds memory)")
-    p.add_argument("--allow-code", action="store_true",
-                   help="a store of user code: import that code (checked against its recorded source hash)")
+    config.add_arguments(_AttackFlagsBefore(p, "--data"), EvaluateConfig)  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = config.from_namespace(EvaluateConfig, args)
     attack = attack_from_args(args)  # parsed before any compute
-    kind = storage.store_kind(args.store)
+    kind = storage.store_kind(cfg.store)
     if kind == "model":
-        if not args.cross:
-            raise InputError(f"{args.store} is a model: give --cross CROSS.zarr, the cross Gram of TEST against the "
-                             f"model's data (`kernelscale gram {args.test} --against DATA.zarr --out CROSS.zarr`)")
-        summary = evaluate_model(args.store, args.cross, args.test)
+        if not cfg.cross:
+            raise InputError(f"{cfg.store} is a model: give --cross CROSS.zarr, the cross Gram of TEST against the "
+                             f"model's data (`kernelscale gram {cfg.test} --against DATA.zarr --out CROSS.zarr`)")
+        summary = evaluate_model(cfg.store, cfg.cross, cfg.test)
         if attack is not None:
-            summary.update(attack_model(args.store, args.test, attack, data=args.data, chunk=args.chunk,
-                                        allow_code=args.allow_code, **attack_kwargs(args)))
+            summary.update(attack_model(cfg.store, cfg.test, attack, data=cfg.data, chunk=cfg.chunk,
+                                        allow_code=cfg.allow_code, **attack_kwargs(args)))
     elif kind == "distilled":
-        if args.cross:
-            raise InputError(f"{args.store} is a distilled support set: it predicts from its own images, so it takes "
+        if cfg.cross:
+            raise InputError(f"{cfg.store} is a distilled support set: it predicts from its own images, so it takes "
                              "no --cross; leave it out")
-        summary = evaluate_support(args.store, args.test, batch=args.batch, allow_code=args.allow_code)
+        summary = evaluate_support(cfg.store, cfg.test, batch=cfg.batch, allow_code=cfg.allow_code)
         if attack is not None:
-            summary.update(attack_distilled(args.store, args.test, attack, allow_code=args.allow_code,
+            summary.update(attack_distilled(cfg.store, cfg.test, attack, allow_code=cfg.allow_code,
                                             **attack_kwargs(args)))
     else:
-        raise InputError(_not_scorable(args.store, kind))
+        raise InputError(_not_scorable(cfg.store, kind))
     return {"store_kind": kind} | summary
 
 

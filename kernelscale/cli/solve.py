@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from kernelscale import config
+from kernelscale.cli import CommandOutcome
 from kernelscale.errors import NotConvergedError
 from kernelscale.krr import SolveConfig, solve
 
@@ -19,9 +20,8 @@ def register(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, SolveConfig)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any] | CommandOutcome:
     result = solve(config=config.from_namespace(SolveConfig, args, progress=not args.no_progress))
-    summary = result.to_json()
     if not result.converged:  # no model written: the exit code of a solve that did not converge
-        summary["_exit_code"] = NotConvergedError.exit_code
-    return summary
+        return CommandOutcome(result.to_json(), NotConvergedError.exit_code)
+    return result.to_json()

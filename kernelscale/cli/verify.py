@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kernelscale.cli import CommandOutcome
+from kernelscale.errors import InputError
 from kernelscale.gram.engine import verify_gram
 
 
@@ -21,9 +23,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="--repair of a Gram of user code: import that code (checked against its recorded source hash)")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any] | CommandOutcome:
     summary = verify_gram(args.gram, repair=args.repair, progress=not args.no_progress,
                           workers=args.workers, address=args.address, allow_code=args.allow_code)
-    if not summary["ok"]:
-        summary["_exit_code"] = 2
+    if not summary["ok"]:  # a bad tile is bad input: exit 2
+        return CommandOutcome(summary, InputError.exit_code)
     return summary
