@@ -229,3 +229,15 @@ def test_not_converged_fix_names_python_parameters(rng):
     assert "reached --max-iter 3 " in cli and "--checkpoint/--resume" in cli and "--precond nystrom:1000" in cli
     api = sol.message
     assert "--" not in api and "reached max_iter 3 " in api and api.endswith(sol.fix)
+
+
+def test_cholesky_failure_names_python_parameters_and_renders_in_the_solve_commands_flags():
+    k = -np.eye(4)  # negative definite: the factorisation fails
+    sol = cholesky_solve(k, np.ones(4), reg=0.0)
+    assert sol.status == "breakdown" and "--" not in sol.message and "Use a larger reg" in sol.message
+    assert sol.in_words(SOLVE_FLAG_NAMES).endswith(
+        "Use a larger --reg, or check the Gram store with `kernelscale verify`.")  # what `kernelscale solve` prints
+    singular = np.ones((4, 4))  # rank 1: factored with reg 1e-30 only through rounding, or refused
+    sol = cholesky_solve(singular, np.arange(4.0), reg=1e-30)
+    assert sol.status == "breakdown" and "--" not in sol.message
+    assert "--reg" in sol.in_words(SOLVE_FLAG_NAMES)

@@ -94,6 +94,7 @@ def _solve_flags() -> dict[str, str]:
         "reg": flag["reg"], "reg_trace": f"1e-6 with {flag['reg_scale']} trace",
         "nystrom_1000": f"{flag['precond']} nystrom:1000", "cholesky": f"{flag['solver']} cholesky",
         "verify_store": "the Gram store (`kernelscale verify`)",
+        "check_values": "check the Gram store with `kernelscale verify`",
     }
 
 

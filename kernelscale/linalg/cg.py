@@ -373,7 +373,7 @@ def _check_rz(st: CGState, cols: np.ndarray) -> None:
 API_NAMES = {
     "max_iter": "max_iter", "tol": "tol", "checkpoint": "checkpoint_path", "resume": "resume_from",
     "reg": "reg", "reg_trace": "reg = 1e-6 * trace(K) / N", "nystrom_1000": "PreconditionerSpec('nystrom', 1000)",
-    "cholesky": "cholesky_solve", "verify_store": "the operator's values",
+    "cholesky": "cholesky_solve", "verify_store": "the operator's values", "check_values": "check K for NaN/Inf",
 }
 
 def _verdict(st: CGState, options: CGOptions) -> tuple[str, str, str, str]:
