@@ -46,6 +46,17 @@ def _box_rows(src: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int, x1: i
             tmp[y, x1 - 1, p] = src[y, x1 - 2, p] + src[y, x1 - 1, p]
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _box_cols(tmp: np.ndarray, y: int, x: int, p: int, up: bool, down: bool) -> np.float32:
+    """The vertical pass at (y, x, p): rows y-1 (if ``up``), y and y+1 (if ``down``) of the row sums ``tmp``."""
+    s = tmp[y, x, p]
+    if up:
+        s = tmp[y - 1, x, p] + s
+    if down:
+        s = s + tmp[y + 1, x, p]
+    return s
+
+
 @njit(cache=True, fastmath=True)
 def _conv_nngp(src: np.ndarray, dst: np.ndarray, copy: np.ndarray, tmp: np.ndarray, y0: int, y1: int, x0: int,
                x1: int, scale: np.float32, shift: np.float32, with_copy: bool) -> None:
@@ -56,18 +67,8 @@ def _conv_nngp(src: np.ndarray, dst: np.ndarray, copy: np.ndarray, tmp: np.ndarr
     for y in range(y0, y1):
         up, down = y > y0, y + 1 < y1
         for x in range(x0, x1):
-            if up and down:
-                for p in range(n_p):
-                    dst[y, x, p] = scale * (tmp[y - 1, x, p] + tmp[y, x, p] + tmp[y + 1, x, p]) + shift
-            elif up:
-                for p in range(n_p):
-                    dst[y, x, p] = scale * (tmp[y - 1, x, p] + tmp[y, x, p]) + shift
-            elif down:
-                for p in range(n_p):
-                    dst[y, x, p] = scale * (tmp[y, x, p] + tmp[y + 1, x, p]) + shift
-            else:
-                for p in range(n_p):
-                    dst[y, x, p] = scale * tmp[y, x, p] + shift
+            for p in range(n_p):
+                dst[y, x, p] = scale * _box_cols(tmp, y, x, p, up, down) + shift
             if with_copy:
                 for p in range(n_p):
                     copy[y, x, p] = dst[y, x, p]
@@ -82,18 +83,8 @@ def _conv_ntk(st: np.ndarray, sn: np.ndarray, tmp: np.ndarray, y0: int, y1: int,
     for y in range(y0, y1):
         up, down = y > y0, y + 1 < y1
         for x in range(x0, x1):
-            if up and down:
-                for p in range(n_p):
-                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y - 1, x, p] + tmp[y, x, p] + tmp[y + 1, x, p])
-            elif up:
-                for p in range(n_p):
-                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y - 1, x, p] + tmp[y, x, p])
-            elif down:
-                for p in range(n_p):
-                    st[y, x, p] = sn[y, x, p] + scale * (tmp[y, x, p] + tmp[y + 1, x, p])
-            else:
-                for p in range(n_p):
-                    st[y, x, p] = sn[y, x, p] + scale * tmp[y, x, p]
+            for p in range(n_p):
+                st[y, x, p] = sn[y, x, p] + scale * _box_cols(tmp, y, x, p, up, down)
 
 
 @njit(cache=True, fastmath=True)
@@ -128,6 +119,14 @@ def _relu(sn: np.ndarray, st: np.ndarray, maps1: np.ndarray, maps2: np.ndarray, 
                 sin = math.sqrt((one - rho) * (one + rho))
                 sn[y, x, p] = g * (sin + (pi - theta) * rho) * inv
                 st[y, x, p] = st[y, x, p] * (pi - theta) * inv
+
+
+@njit(cache=True, inline="always")
+def _pool_span(d: int, t: int, lo: int, hi: int, n_next: int) -> tuple[int, int, int]:
+    """One axis of the 2x2 pool: slab offset ``d``, window half ``t`` (0 or 1) -> ``(e, start, stop)``, the next
+    stage's offset (d/2 for even d, (d-1)/2 + t for odd d) and the range of its positions that slab [lo, hi) feeds."""
+    e = d // 2 if d % 2 == 0 else (d - 1) // 2 + t
+    return e, max(0, -e, (lo - t + 1) // 2), min(n_next, n_next - e, (hi - 1 - t) // 2 + 1)
 
 
 @njit(cache=True, fastmath=True)
@@ -216,28 +215,18 @@ def _pairs_batch(a: np.ndarray, b: np.ndarray, maps1: np.ndarray, maps2: np.ndar
                 # when d is even, and e = (d-1)/2 (row 2p) and e = (d+1)/2 (row 2p+1) when d is odd.
                 o = buf_off[k + 1]
                 for ty in range(2):
-                    if dy % 2 == 0:
-                        ey, ay = dy // 2, ty
-                    else:
-                        ey, ay = (dy - 1) // 2 + ty, ty
+                    ey, r0, r1 = _pool_span(dy, ty, y0, y1, hn)
                     if ey < -ey_max or ey > ey_max:
                         continue
-                    r0 = max(0, -ey, (y0 - ay + 1) // 2)
-                    r1 = min(hn, hn - ey, (y1 - 1 - ay) // 2 + 1)
                     for tx in range(2):
-                        if dx % 2 == 0:
-                            ex, ax = dx // 2, tx
-                        else:
-                            ex, ax = (dx - 1) // 2 + tx, tx
+                        ex, c0, c1 = _pool_span(dx, tx, x0, x1, wn)
                         if ex < -ex_max or ex > ex_max:
                             continue
-                        c0 = max(0, -ex, (x0 - ax + 1) // 2)
-                        c1 = min(wn, wn - ex, (x1 - 1 - ax) // 2 + 1)
                         for r in range(r0, r1):
                             base = o + (((ey + ey_max) * hn + r) * nwe + (ex + ex_max)) * wn
-                            y = 2 * r + ay
+                            y = 2 * r + ty
                             for c in range(c0, c1):
-                                x = 2 * c + ax
+                                x = 2 * c + tx
                                 for p in range(n_p):
                                     bufs[0, base + c, p] += q16 * sn[y, x, p]
                                     bufs[1, base + c, p] += q16 * st[y, x, p]
