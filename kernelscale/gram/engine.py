@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from kernelscale import kernels, storage
+from kernelscale import kernels, runtime, storage
 from kernelscale.data import DatasetStore, open_dataset
 from kernelscale.errors import InputError, KernelscaleError, StoreError
 from kernelscale.gram.job import GramJob, canonical_json
@@ -403,8 +403,6 @@ def _run_workers(plan: TilePlan, job: GramJob, kernel_callable: Any,
         return result
     import ray  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from kernelscale import runtime  # noqa: PLC0415
 
     ray_info = runtime.ensure_ray(address)
     gpus_now = ray.cluster_resources().get("GPU", 0)

@@ -12,7 +12,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from kernelscale.errors import InputError, StoreError
+from kernelscale.gram.store import open_gram
 from kernelscale.linalg.operators import LinearOperator
+from kernelscale.runtime import actor_options, cluster_slots, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +157,6 @@ class _RowBlockWorker:
     """Ray actor body: owns some tile rows of a Gram store; holds their tiles in memory if they fit."""
 
     def __init__(self, path: str, tile_rows: list[int], memory_bytes: int):
-        from kernelscale.gram.store import open_gram  # noqa: PLC0415
-
         self.store = open_gram(path, "r")
         grid = self.store.grid
         self.tiles = [(i, j) for i in tile_rows for j in range(i if grid.symmetric else 0, grid.shape[1])]
@@ -196,8 +196,6 @@ class RayGramOperator(LinearOperator):
     def __init__(self, store: Any, *, workers: int | None = None, memory_per_worker: int = 2 << 30,
                  address: str | None = None, gpus_per_worker: float = 0.0, psd: bool = True):
         import ray  # noqa: PLC0415
-
-        from kernelscale.runtime import actor_options, cluster_slots, ensure_ray  # noqa: PLC0415
 
         self._ray_info = ensure_ray(address)
         self.store = store

@@ -178,7 +178,7 @@ def block_kernel(spec_json: dict[str, Any], kernel_callable: Any) -> Callable[[A
 
 def native_spec(spec_json: dict[str, Any], kernel_callable: Any) -> kernels.KernelSpec | None:
     """The run's spec when kernelscale has its own kernel for it (:mod:`kernelscale.kernels.native`), else None."""
-    from kernelscale.kernels import native  # noqa: PLC0415 - numba-backed kernels load on first use
+    from kernelscale.kernels import native  # noqa: PLC0415  (defers jax and numba)
 
     if kernel_callable is not None or spec_json.get("arch") in ("callable", "code"):
         return None

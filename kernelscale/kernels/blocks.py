@@ -21,7 +21,7 @@ def kernel_fn(spec: KernelSpec, *, fast: bool = True, native: bool = True) -> Ke
     builds neural-tangents' ``stax`` kernel instead (with :func:`fast_relu`, or with neural-tangents' own
     ``stax.Relu`` when ``fast=False``: the reference the tests and benchmarks compare against).
     """
-    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415  (native imports jax)
 
     if native and native_kernels.supports(spec):
         return native_kernels.kernel_fn(spec)
@@ -46,7 +46,7 @@ def gram_calls(spec: KernelSpec, dtype: str = "float32") -> tuple[Callable[[Any,
     spec has no native kernel. Convolutional kernels run compiled CPU code (:mod:`kernelscale.kernels.native`) on a
     CPU backend in float32, and the JAX recursion elsewhere (GPU, float64).
     """
-    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415  (native imports jax)
 
     if not native_kernels.supports(spec):
         return pairwise(spec), None
@@ -98,7 +98,7 @@ def bytes_per_pair(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
     Native convolutional kernels stream their pairs in steps of bounded size (``native.CHUNK_BYTES``), so a
     call needs only its outputs per pair; neural-tangents' keep ~16 arrays of the full spatial covariance.
     """
-    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415  (native imports jax)
 
     if native_kernels.supports(spec):
         return native_kernels.bytes_per_pair(spec, input_shape)
@@ -109,6 +109,6 @@ def bytes_per_pair(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
 def fixed_bytes(spec: KernelSpec, input_shape: tuple[int, ...]) -> int:
     """Working memory of one kernel call that does not grow with its number of pairs (native kernels' streamed
     steps and per-thread scratch); 0 for neural-tangents kernels, whose memory is all per pair."""
-    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415
+    from kernelscale.kernels import native as native_kernels  # noqa: PLC0415  (native imports jax)
 
     return native_kernels.fixed_bytes(spec, input_shape) if native_kernels.supports(spec) else 0

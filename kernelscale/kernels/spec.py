@@ -61,7 +61,7 @@ class KernelSpec:
     # -- KernelSource (kernelscale.kernels.source) ----------------------------------------------------------
     def block_fn(self) -> Callable[[Any, Any], Any]:
         """The jitted ``f(x1, x2) -> (n1, n2)`` of this spec's kernel (:func:`~kernelscale.kernels.blocks.pairwise`)."""
-        from kernelscale.kernels.blocks import pairwise  # noqa: PLC0415 - blocks imports this module
+        from kernelscale.kernels.blocks import pairwise  # noqa: PLC0415  (blocks imports this module)
 
         return pairwise(self)
 
@@ -69,8 +69,8 @@ class KernelSpec:
         """Peak bytes per pair of one kernel call: known for built-in kernels (:func:`~kernelscale.kernels.blocks.
         bytes_per_pair`), measured from the traced program for user code (:func:`~kernelscale.kernels.source.
         traced_bytes_per_pair`)."""
-        from kernelscale.kernels.blocks import bytes_per_pair  # noqa: PLC0415 - blocks imports this module
-        from kernelscale.kernels.source import traced_bytes_per_pair  # noqa: PLC0415 - source imports this module
+        from kernelscale.kernels.blocks import bytes_per_pair  # noqa: PLC0415  (blocks imports this module)
+        from kernelscale.kernels.source import traced_bytes_per_pair  # noqa: PLC0415  (source imports this module)
 
         if self.arch == "code":
             return traced_bytes_per_pair(self.block_fn(), input_shape)
@@ -79,7 +79,7 @@ class KernelSpec:
     def fixed_bytes(self, input_shape: tuple[int, ...]) -> int:
         """Working bytes of one kernel call that do not grow with its pairs (:func:`~kernelscale.kernels.blocks.
         fixed_bytes`)."""
-        from kernelscale.kernels.blocks import fixed_bytes  # noqa: PLC0415 - blocks imports this module
+        from kernelscale.kernels.blocks import fixed_bytes  # noqa: PLC0415  (blocks imports this module)
 
         return 0 if self.arch == "code" else fixed_bytes(self, input_shape)
 

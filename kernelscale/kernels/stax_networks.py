@@ -16,12 +16,11 @@ import numpy as np
 
 from kernelscale.errors import InputError
 from kernelscale.kernels.spec import MYRTLE_LAYERS, KernelFn, KernelSpec, code_allowed
+from kernelscale.runtime import install_nt_stub
 
 
 def _neural_tangents() -> types.ModuleType:
     """Import neural-tangents without ``neural_tangents.experimental`` (which would import tensorflow)."""
-    from kernelscale.runtime import install_nt_stub  # noqa: PLC0415
-
     install_nt_stub()  # already done by `import kernelscale`; kept for callers that loaded this module alone
     try:
         import neural_tangents  # noqa: PLC0415
@@ -99,7 +98,7 @@ def fast_relu() -> tuple[Callable, Callable, KernelFn]:
     """
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from kernelscale.kernels.native._arccos import safe_sqrt as sqrt  # noqa: PLC0415 - sqrt(max(x, 0)), zero derivative at 0
+    from kernelscale.kernels.native._arccos import safe_sqrt as sqrt  # noqa: PLC0415  (native imports jax)
 
     stax = _neural_tangents().stax
     atan2 = _fast_atan2()

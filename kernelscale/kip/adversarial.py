@@ -23,6 +23,8 @@ from kernelscale.data import AffineMap
 from kernelscale.errors import InputError
 from kernelscale.kernels import KernelSpec
 from kernelscale.attack.kernel_pgd import Attack, pgd_traceable, row_keys
+from kernelscale.kip.sharding import pair_kernel
+from kernelscale.kip.step import krr_weights
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,6 @@ class AdversarialTargets:
     def __call__(self, state: Any, x_t: Any, y_t: Any) -> tuple[Any, Any]:
         import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
-
-        from kernelscale.kip.step import krr_weights  # noqa: PLC0415
-        from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
 
         kernel = pair_kernel(KernelSpec.from_json(self.spec))
         x_s, y_s = jax.lax.stop_gradient(state.x), jax.lax.stop_gradient(state.y)

@@ -27,6 +27,8 @@ from kernelscale.config import JsonResult, at_least, non_negative, one_of, optio
 from kernelscale.config import build as config_build
 from kernelscale.config import validate as config_validate
 from kernelscale.data import DatasetStore, open_dataset
+from kernelscale.gram.store import open_gram
+from kernelscale.kip.adversarial import AdversarialTargets
 from kernelscale.kip.store import DistilledStore, create_distilled, empty_history, open_distilled
 from kernelscale.errors import InputError, NotConvergedError, StoreError
 from kernelscale.kernels import KernelSpec, check_input_shape, load_spec, parse_arch
@@ -34,6 +36,7 @@ from kernelscale.kip.targets import (DEFAULT_MEMORY_LIMIT, SAMPLING_MODES, Targe
                        init_random, label_solve, sampling_mode)
 from kernelscale.kip.sharding import LocalPool, RayPool, ShardWorker, pair_kernel, sharded_sums, tiled_sums
 from kernelscale.kip.augment import TargetAugment
+from kernelscale.runtime import ensure_ray, shutdown_if_started
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +115,10 @@ def _plots(out: str, store: DistilledStore, data: DatasetStore, x: np.ndarray, i
     """Write ``<out>_images.png`` (support rows per class, un-preprocessed) and ``<out>_curves.png``."""
     if storage.is_url(out):
         return {}
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415  (defers matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (defers matplotlib)
 
     paths = plot_paths(out)
     store.group.attrs["plots"] = list(paths.values())  # ours: a --resume may replace them
@@ -349,15 +352,11 @@ def check_distill(cfg: KipConfig, target_transform: kipmod.TargetTransform | Non
         check_compatible(data_like, val_store, "--val")
     gram_store = None
     if cfg.gram:
-        from kernelscale.gram.store import open_gram  # noqa: PLC0415 - only runs with --gram open Gram stores
-
         gram_store = open_gram(cfg.gram)
         check_gram(gram_store, data, spec.canonical())
     label_lr = cfg.lr if cfg.label_lr is None else cfg.label_lr
     adv = None  # adversarial KIP (kernelscale.kip.adversarial): PGD target batches against the support
     if cfg.adversarial:
-        from kernelscale.kip.adversarial import AdversarialTargets  # noqa: PLC0415 - defers PGD's imports
-
         if target_transform is not None:
             raise InputError("pass either adversarial= or target_transform=, not both")
         adv = target_transform = AdversarialTargets.build(cfg.adversarial, cfg.pgd_steps, cfg.adv_mix, spec, cfg.reg,
@@ -495,8 +494,6 @@ def run_steps(cfg: KipConfig, plan: DistillPlan, run: DistillRun) -> LoopStats:
         if cfg.workers == 1:
             pool = LocalPool([ShardWorker(cfg.data, spec.canonical(), part=0, **worker_kwargs)])
         else:
-            from kernelscale.runtime import ensure_ray  # noqa: PLC0415 - Ray starts only for sharded runs
-
             ray_info = ensure_ray()
             path = os.path.abspath(cfg.data) if not storage.is_url(cfg.data) else cfg.data
             pool = RayPool(lambda w: ((path, spec.canonical()), dict(worker_kwargs, part=w)), cfg.workers)
@@ -548,8 +545,6 @@ def run_steps(cfg: KipConfig, plan: DistillPlan, run: DistillRun) -> LoopStats:
         if pool is not None:
             pool.close()
         if ray_info:
-            from kernelscale.runtime import shutdown_if_started  # noqa: PLC0415 - Ray was started above
-
             shutdown_if_started(ray_info)
     history["loss"] = np.asarray(losses, np.float32)
     return stats

@@ -21,7 +21,11 @@ import numpy as np
 from kernelscale import storage
 from kernelscale.data import DatasetStore, open_dataset
 from kernelscale.errors import InputError, StoreError
+from kernelscale.gram.operators import ZarrGramOperator
+from kernelscale.gram.store import open_gram
 from kernelscale.kernels import load_spec
+from kernelscale.krr import check_gram_for_data, check_reg, curve_solves, nested_order, open_model, parse_sizes
+from kernelscale.runtime import ensure_ray, shutdown_if_started
 from kernelscale.attack.kernel_pgd import Attack, KernelPredictor, attack_rows
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ class PredictorRecipe:
     allow_code: bool = False  # the command's --allow-code: user code re-checked by hash in every process
 
     def build(self) -> KernelPredictor:
-        from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
+        from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415  (kip imports jax)
 
         spec = load_spec(self.spec, allow_code=self.allow_code, where="the predictor's kernel spec")
         x = self.x_train
@@ -75,9 +79,7 @@ def run_attack(recipe: PredictorRecipe, test_path: str, n: int, attack: Attack, 
     """Per-row ``clean``/``robust``/``noise`` correctness of the first ``n`` test rows, over ``workers`` processes."""
     if workers <= 1:
         return _attack_slice(recipe, test_path, 0, n, attack, seed, batch)
-    import ray  # noqa: PLC0415
-
-    from kernelscale.runtime import ensure_ray, shutdown_if_started  # noqa: PLC0415
+    import ray  # noqa: PLC0415  (defers ray)
 
     info = ensure_ray()
     try:
@@ -109,11 +111,11 @@ def _check_options(limit: int | None, batch: int, workers: int, chunk: int) -> N
 def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | None = None, seed: int = 0,
                      batch: int = 100, workers: int = 1, allow_code: bool = False) -> dict[str, Any]:
     """PGD robust accuracy of kernel regression from a distilled support set on TEST's first ``limit`` rows."""
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415  (defers jax)
 
-    from kernelscale.kip.step import krr_weights  # noqa: PLC0415
-    from kernelscale.kip.run import open_support  # noqa: PLC0415
-    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
+    from kernelscale.kip.run import open_support  # noqa: PLC0415  (kip imports jax)
+    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415  (kip imports jax)
+    from kernelscale.kip.step import krr_weights  # noqa: PLC0415  (kip imports jax)
 
     _check_options(limit, batch, workers, 1)
     attrs, test_store, spec, x_s, y_s = open_support(distilled, test, allow_code)
@@ -131,8 +133,6 @@ def attack_distilled(distilled: str, test: str, attack: Attack, *, limit: int | 
 def model_training_data(attrs: dict[str, Any], data: str | None) -> DatasetStore:
     """The training dataset of a model: ``data`` if given, else the data path its Gram store recorded."""
     if data is None:
-        from kernelscale.gram.store import open_gram  # noqa: PLC0415
-
         gram_path = attrs.get("gram_path")
         try:
             data = open_gram(gram_path).attrs.get("data_path") if gram_path else None
@@ -154,8 +154,6 @@ def attack_model(model: str, test: str, attack: Attack, *, data: str | None = No
 
     The gradient goes through the analytic kernel against all N training rows, ``chunk`` rows at a time.
     """
-    from kernelscale.krr import open_model  # noqa: PLC0415
-
     _check_options(limit, batch, workers, chunk)
     attrs, alpha = open_model(model)
     if attrs.get("spec") is None:
@@ -189,10 +187,7 @@ def robust_curve(gram: str, data: str, test: str, sizes: Any, attacks: list[Atta
     predictor ``K(x, X_S) alpha_S`` is attacked through the analytic kernel on TEST's first ``limit`` rows.
     Returns per size: ``accuracy`` and, per attack, ``robust_accuracy`` and ``noise_accuracy``.
     """
-    from kernelscale.gram.store import open_gram  # noqa: PLC0415
-    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415
-    from kernelscale.krr import check_gram_for_data, check_reg, curve_solves, nested_order, parse_sizes  # noqa: PLC0415
-    from kernelscale.gram.operators import ZarrGramOperator  # noqa: PLC0415
+    from kernelscale.kip.sharding import pair_kernel  # noqa: PLC0415  (kip imports jax)
 
     check_reg(reg, reg_scale)
     ds, ts = open_dataset(data), open_dataset(test)

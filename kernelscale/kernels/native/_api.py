@@ -67,7 +67,7 @@ def fixed_bytes(spec: Any, shape: tuple[int, ...]) -> int:
     convolutional kernels, the compiled path's per-thread scratch (stage buffers and slabs of 32 pairs)."""
     if spec.arch == "fc" or len(shape) != 3:
         return 0
-    from kernelscale.kernels.native import _cpu  # noqa: PLC0415
+    from kernelscale.kernels.native import _cpu  # noqa: PLC0415  (defers numba)
 
     net = _conv_net(spec, shape, True)
     _, dims, map_off, buf_off = _cpu.stage_plan(net.ops, shape[0], shape[1])
@@ -201,7 +201,7 @@ class CpuGram:
 
     def self_pairs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(K(x_i, x_i) (n,), variance maps (n, 2, total))`` of images ``(n, H, W, C)``."""
-        from kernelscale.kernels.native import _cpu  # noqa: PLC0415
+        from kernelscale.kernels.native import _cpu  # noqa: PLC0415  (defers numba)
 
         shape = tuple(x.shape[1:])
         step = pairs_per_step(self.spec, shape)
@@ -221,7 +221,7 @@ class CpuGram:
                jj: np.ndarray) -> np.ndarray:
         import numba  # noqa: PLC0415
 
-        from kernelscale.kernels.native import _cpu  # noqa: PLC0415
+        from kernelscale.kernels.native import _cpu  # noqa: PLC0415  (defers numba)
 
         net = self._net(tuple(x1.shape[1:]))
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
