@@ -99,10 +99,7 @@ class DistilledStore:
     """An opened distilled store (see the module docstring)."""
 
     def __init__(self, path: str, group: zarr.Group):
-        attrs = dict(group.attrs)
-        if attrs.get("kernelscale") != "distilled":
-            raise StoreError(f"{path} is not a kernelscale distilled store (create one with `kernelscale distill`)")
-        check_layout(str(path), group, attrs)
+        storage.checked_attrs(path, group, "distilled", check_layout)
         self.path = str(path)
         self.group = group
 
