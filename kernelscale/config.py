@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import MISSING
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence, TypeVar
 
 from kernelscale.errors import InputError, in_cli
 
@@ -62,11 +62,12 @@ def flags_of(cls: type) -> list[tuple[str, Flag]]:
     return [(f.name, f.metadata["cli"]) for f in dataclasses.fields(cls) if "cli" in f.metadata]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add the flags of config class ``cls`` to ``parser``, in field order (defaults from the fields)."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, fields: Collection[str] | None = None) -> None:
+    """Add the flags of config class ``cls`` to ``parser``, in field order (defaults from the fields); with
+    ``fields``, only those fields' flags (to place other flags between them)."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, meta in flags_of(cls):
-        if meta.flag is None:
+        if meta.flag is None or (fields is not None and name not in fields):
             continue
         kwargs: dict[str, Any] = {}
         positional = not meta.flag.startswith("-")

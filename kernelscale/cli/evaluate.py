@@ -15,7 +15,7 @@ model with gradients against all its training rows (read from the DATA path its 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from kernelscale import config, storage
@@ -48,21 +48,14 @@ class EvaluateConfig:
                                           "source hash)")
 
 
-class _AttackFlagsBefore:
-    """``parser`` for :func:`config.add_arguments` that adds the attack group just before ``flag`` (the place
-    ``--help`` has always listed it: after --batch, before --data)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, flag: str) -> None:
-        self.parser, self.flag = parser, flag
-
-    def add_argument(self, flag: str, **kwargs: Any) -> None:
-        if flag == self.flag:
-            add_attack_flags(self.parser)
-        self.parser.add_argument(flag, **kwargs)
+#: The fields whose flags ``--help`` lists before the attack group (the rest come after it).
+BEFORE_ATTACK = ("store", "test", "cross", "batch")
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    config.add_arguments(_AttackFlagsBefore(p, "--data"), EvaluateConfig)  # type: ignore[arg-type]
+    config.add_arguments(p, EvaluateConfig, BEFORE_ATTACK)
+    add_attack_flags(p)
+    config.add_arguments(p, EvaluateConfig, [f.name for f in fields(EvaluateConfig) if f.name not in BEFORE_ATTACK])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
