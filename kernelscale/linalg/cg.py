@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from kernelscale.config import at_least, option
+from kernelscale.config import validate as validate_config
 from kernelscale.errors import InputError
 from kernelscale.linalg.operators import LinearOperator
 from kernelscale.linalg.preconditioners import Preconditioner
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 
 ACTIVE, CONVERGED, BREAKDOWN, NON_FINITE = 0, 1, 2, 3
 STATUS_NAMES = {ACTIVE: "max_iterations", CONVERGED: "converged", BREAKDOWN: "breakdown", NON_FINITE: "non_finite"}
+
+
+def tol_problem(tol: float) -> str | None:
+    """None for a tolerance in (0, 1), else what is wrong with it ("must be in (0, 1) ..., got 0")."""
+    return None if 0 < tol < 1 else f"must be in (0, 1) (a relative residual), got {tol}"
 
 
 @dataclass
@@ -51,29 +58,15 @@ class CGOptions:
     checkpoint_every: iterations between checkpoints.
     """
 
-    tol: float = 1e-6
-    max_iter: int = 1000
-    true_residual_every: int = 50
-    checkpoint_path: str | None = None
-    checkpoint_every: int = 10
+    tol: float = option(None, 1e-6, check=tol_problem)
+    max_iter: int = option(None, 1000, check=at_least(0))
+    true_residual_every: int = option(None, 50, check=at_least(0))
+    checkpoint_path: str | None = option(None, None)
+    checkpoint_every: int = option(None, 10, check=at_least(1))
 
     def validate(self) -> None:
         """Refuse options no solve can run with (:class:`InputError` naming the Python parameter)."""
-        problems = [("tol", tol_problem(self.tol)), ("max_iter", _at_least(self.max_iter, 0)),
-                    ("true_residual_every", _at_least(self.true_residual_every, 0)),
-                    ("checkpoint_every", _at_least(self.checkpoint_every, 1))]
-        for name, problem in problems:
-            if problem is not None:
-                raise InputError(f"{name} {problem}")
-
-
-def tol_problem(tol: float) -> str | None:
-    """None for a tolerance in (0, 1), else what is wrong with it ("must be in (0, 1) ..., got 0")."""
-    return None if 0 < tol < 1 else f"must be in (0, 1) (a relative residual), got {tol}"
-
-
-def _at_least(value: int, low: int) -> str | None:
-    return None if value >= low else f"must be >= {low}, got {value}"
+        validate_config(self)
 
 
 @dataclass
