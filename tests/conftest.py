@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernelscale.loopback_cluster import free_port
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray starts its worker processes at nice 15; beside the other xdist workers' tests (nice 0) a test's own actors
@@ -79,17 +81,9 @@ def rng() -> np.random.Generator:
 # ---- object storage: a real S3-compatible server (moto) on 127.0.0.1 -----------------------------------------
 # The endpoint and credentials go into the standard environment variables at import time, before any Ray
 # cluster starts, so Ray's worker processes inherit them exactly as they would on a real cluster node.
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Under pytest-xdist every worker inherits the controller's environment, so each worker picks its own port for
 # its own server; an endpoint the user set (without our marker) is kept.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 if "AWS_ENDPOINT_URL" not in os.environ or os.environ.get("KERNELSCALE_TEST_S3_ENDPOINT") == "1":
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
     os.environ["KERNELSCALE_TEST_S3_ENDPOINT"] = "1"
